@@ -1,0 +1,53 @@
+"""The one place that imports KVortex's compiled modules and records why an import failed.
+
+Nothing else imports ``kvortex._native`` directly: callers ask :func:`native` and get either
+the module or ``None`` plus the reason, which ``kvortex info`` prints.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+__all__ = ["LoadResult", "build_info", "native"]
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """Outcome of importing one compiled module: the module, or ``None`` and why."""
+
+    module: ModuleType | None
+    reason: str
+
+    @property
+    def ok(self) -> bool:
+        return self.module is not None
+
+
+@functools.cache
+def build_info() -> dict[str, Any]:
+    """What the build recorded (``kvortex/_build_info.json``), or ``{}`` when absent."""
+    path = Path(__file__).with_name("_build_info.json")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+@functools.cache
+def native() -> LoadResult:
+    """Import ``kvortex._native`` once; never raises."""
+    info = build_info()
+    if info.get("native") is False:
+        return LoadResult(None, f"not built: {info.get('reason') or 'unknown reason'}")
+    try:
+        module = importlib.import_module("kvortex._native")
+    except ImportError as exc:
+        return LoadResult(None, f"import failed: {exc}")
+    return LoadResult(module, "")
