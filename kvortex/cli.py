@@ -1,0 +1,73 @@
+"""The ``kvortex`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from kvortex.config import KVortexConfig
+from kvortex.errors import KVortexError
+
+__all__ = ["main"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kvortex", description="KVortex KV-cache engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="show active backends, why, and the effective config")
+    info.add_argument("--json", action="store_true", help="print as JSON")
+    info.add_argument("--config", metavar="YAML", help="read configuration from this YAML file")
+    info.add_argument("--no-cuda", action="store_true", help="do not import torch to probe CUDA")
+    args = parser.parse_args(argv)
+
+    try:
+        if args.command == "info":
+            return _info(args)
+    except KVortexError as exc:
+        print(f"kvortex: error: {exc}", file=sys.stderr)
+        return 2
+    parser.error(f"unknown command {args.command!r}")
+    return 2
+
+
+def _info(args: argparse.Namespace) -> int:
+    from kvortex.info import collect
+
+    config = KVortexConfig.from_yaml(args.config) if args.config else KVortexConfig.from_env()
+    report = collect(config, probe_cuda=not args.no_cuda)
+    if args.json:
+        json.dump(report, sys.stdout, indent=2, sort_keys=False)
+        sys.stdout.write("\n")
+    else:
+        _print_info(report)
+    return 0
+
+
+def _print_info(report: dict[str, Any]) -> None:
+    native = report["native_core"]
+    print(f"kvortex {report['version']}")
+    state = "loaded" if native["loaded"] else f"not loaded ({native['reason']})"
+    print(f"native core: {state}")
+    print("hot paths:")
+    for name, choice in report["hot_paths"].items():
+        print(f"  {name:<8} {choice['active']:<7} {choice['reason']}")
+    m = report["machine"]
+    print(f"machine: {m['cpu_model']}, {m['cpu_count']} CPUs, NUMA nodes {m['numa_nodes']}")
+    print(f"  transparent hugepages: {m['transparent_hugepages'] or 'unknown'}")
+    cuda = report["cuda"]
+    if not cuda["probed"]:
+        print("cuda: not probed (--no-cuda)")
+    elif cuda["usable"]:
+        print(f"cuda: usable, torch {cuda['torch']}, devices {cuda['devices']}")
+    else:
+        print(f"cuda: unusable ({cuda['reason']})")
+    print("config:")
+    for key, value in report["config"].items():
+        print(f"  {key} = {value!r}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

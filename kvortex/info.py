@@ -1,0 +1,86 @@
+"""What this installation of KVortex can do here, and why: the data behind ``kvortex info``."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+from kvortex import _loader, backend
+from kvortex.config import KVortexConfig
+
+__all__ = ["collect"]
+
+
+def collect(config: KVortexConfig | None = None, *, probe_cuda: bool = True) -> dict[str, Any]:
+    """A JSON-ready report: version, hot paths, machine, CUDA and the effective config."""
+    from kvortex import __version__
+
+    cfg = config if config is not None else KVortexConfig.from_env()
+    native = _loader.native()
+    return {
+        "version": __version__,
+        "native_core": {"loaded": native.ok, "reason": native.reason, "build": _loader.build_info()},
+        "hot_paths": {
+            c.hot_path: {"active": c.active, "requested": c.requested, "reason": c.reason}
+            for c in backend.describe(cfg.backend)
+        },
+        "machine": _machine(),
+        "cuda": _cuda() if probe_cuda else {"probed": False},
+        "config": cfg.to_dict(),
+    }
+
+
+def _machine() -> dict[str, Any]:
+    nodes_dir = Path("/sys/devices/system/node")
+    nodes = sorted(
+        int(p.name[4:]) for p in nodes_dir.glob("node[0-9]*") if p.name[4:].isdigit()
+    ) if nodes_dir.is_dir() else []
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "numa_nodes": nodes,
+        "transparent_hugepages": _read("/sys/kernel/mm/transparent_hugepage/enabled"),
+    }
+
+
+def _cuda() -> dict[str, Any]:
+    report: dict[str, Any] = {"probed": True}
+    if importlib.util.find_spec("torch") is None:
+        report.update(usable=False, reason="torch is not installed")
+        return report
+    try:
+        import torch
+    except Exception as exc:  # a broken torch install must not break `kvortex info`
+        report.update(usable=False, reason=f"import torch failed: {exc}")
+        return report
+
+    report["torch"] = str(torch.__version__)
+    if not torch.cuda.is_available():
+        report.update(usable=False, reason="torch sees no CUDA device (no GPU or no driver)")
+        return report
+    report.update(
+        usable=True,
+        reason="",
+        devices=[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+    )
+    return report
+
+
+def _cpu_model() -> str:
+    text = _read("/proc/cpuinfo")
+    for line in text.splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return ""

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The one test command (README, and .ci/run calls it): installs everything the tests need into
+# a private virtual environment, then runs lint, types, the suite over every backend, the
+# pure-Python pass, and the wheel/sdist build with a fresh-venv import.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+py=${PYTHON:-python3}
+venv=${KVORTEX_TEST_VENV:-$root/.venv-test}
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "virtual environment $venv"
+[ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
+# shellcheck disable=SC1091
+. "$venv/bin/activate"
+python -m pip install -q --upgrade pip
+# torch (CPU) is what the transfer fallback and the tensor-input tests run on. 2.13.0 is the
+# release this machine kind keeps on disk; any torch >= 2.4 works.
+python -m pip install -q "torch==${KVORTEX_TEST_TORCH:-2.13.0}"
+python -m pip install -q ".[test]"
+
+# CI must test the compiled core: a missing native build fails instead of skipping.
+export KVORTEX_REQUIRE_NATIVE=1
+step "kvortex info"
+kvortex info --no-cuda
+
+step "ruff + mypy"
+ruff check kvortex tests bench
+ruff format --check kvortex tests bench
+mypy kvortex
+
+step "tests (every backend)"
+# Run from a temporary directory so the installed package, not the source tree, is tested.
+(cd "$(mktemp -d)" && python -m pytest -c "$root/pyproject.toml" --rootdir "$root" "$root/tests" -q)
+
+step "tests with KVORTEX_BACKEND=python"
+(cd "$(mktemp -d)" && KVORTEX_BACKEND=python python -m pytest -c "$root/pyproject.toml" \
+  --rootdir "$root" "$root/tests" -q)
+
+step "wheel + sdist, installed into a fresh venv"
+dist=$(mktemp -d)
+python -m build --outdir "$dist" . >/dev/null
+fresh=$(mktemp -d)/venv
+"$py" -m venv "$fresh"
+"$fresh/bin/python" -m pip install -q "$dist"/kvortex-*.whl
+(cd "$fresh" && "$fresh/bin/python" -c "
+import kvortex, kvortex.backend as b
+assert all(c.active == 'native' for c in b.describe()), b.describe()
+print('fresh venv import ok:', kvortex.__version__)")
+ls "$dist"
+step "all checks passed"
