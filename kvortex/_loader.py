@@ -14,7 +14,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-__all__ = ["LoadResult", "build_info", "native"]
+__all__ = ["LoadResult", "build_info", "cuda", "native"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,24 @@ def native() -> LoadResult:
         return LoadResult(None, f"not built: {info.get('reason') or 'unknown reason'}")
     try:
         module = importlib.import_module("kvortex._native")
+    except ImportError as exc:
+        return LoadResult(None, f"import failed: {exc}")
+    return LoadResult(module, "")
+
+
+@functools.cache
+def cuda() -> LoadResult:
+    """Import ``kvortex._cuda`` (the CUDA copy engine) once; never raises.
+
+    The module links the CUDA runtime only (never torch's C++ library), so it imports on a
+    machine without a GPU; whether a device is usable is a separate question answered by
+    ``kvortex._cuda.device_count()``.
+    """
+    info = build_info()
+    if info.get("cuda") is False:
+        return LoadResult(None, f"not built: {info.get('cuda_reason') or 'no CUDA compiler'}")
+    try:
+        module = importlib.import_module("kvortex._cuda")
     except ImportError as exc:
         return LoadResult(None, f"import failed: {exc}")
     return LoadResult(module, "")

@@ -14,10 +14,12 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidTypeError",
     "KVortexError",
+    "LayoutError",
     "PoolClosed",
     "QueueClosed",
     "QueueTimeout",
     "SlotError",
+    "TransferError",
 ]
 
 
@@ -62,3 +64,12 @@ class SlotError(InvalidArgumentError):
 
 class PoolClosed(KVortexError, RuntimeError):
     """The host pool was closed; it hands out no more slots or views."""
+
+
+class LayoutError(InvalidArgumentError):
+    """The engine's KV tensors do not form a supported paged layout, or a plan was made for
+    another layout (the message says what was found)."""
+
+
+class TransferError(KVortexError, RuntimeError):
+    """A copy between the engine's KV cache and host memory failed (e.g. a CUDA error)."""

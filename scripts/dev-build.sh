@@ -9,4 +9,5 @@ cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=${BUILD_TYPE:-Release} \
   -Dpybind11_DIR="$("$py" -c 'import pybind11; print(pybind11.get_cmake_dir())')" "$@" >/dev/null
 cmake --build build
 cp build/_native*.so kvortex/
+cp build/_cuda*.so kvortex/ 2>/dev/null || true
 cp build/_build_info.json kvortex/

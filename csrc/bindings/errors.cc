@@ -12,13 +12,15 @@ void register_errors(py::module_& m) {
   (void)m;
   // Leaked on purpose: the translator may run during interpreter shutdown, after module
   // objects are gone; a strong reference held for the life of the process is the safe choice.
-  static PyObject* classes[7] = {};
+  // Indexed by ErrorCode; the order here must follow the enum in errors.h.
+  static PyObject* classes[8] = {};
   py::module_ errors = py::module_::import("kvortex.errors");
-  const char* names[7] = {"InvalidArgumentError", "InvalidTypeError", "QueueTimeout",
+  const char* names[8] = {"InvalidArgumentError", "InvalidTypeError", "QueueTimeout",
                           "QueueClosed",          "SlotError",        "PoolClosed",
-                          nullptr};
-  for (int i = 0; i < 6; ++i) classes[i] = py::object(errors.attr(names[i])).release().ptr();
-  classes[6] = PyExc_OSError;
+                          nullptr,                "TransferError"};
+  for (int i = 0; i < 8; ++i) {
+    classes[i] = names[i] ? py::object(errors.attr(names[i])).release().ptr() : PyExc_OSError;
+  }
   py::register_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);

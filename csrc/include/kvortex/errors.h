@@ -18,6 +18,7 @@ enum class ErrorCode {
   kSlotError,        // -> SlotError (ValueError)
   kPoolClosed,       // -> PoolClosed (RuntimeError)
   kSystem,           // -> OSError (a failing system call; message carries errno text)
+  kTransfer,         // -> TransferError (RuntimeError): a failed CUDA call or copy
 };
 
 class Error : public std::runtime_error {
