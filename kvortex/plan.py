@@ -1,0 +1,49 @@
+"""The per-step transfer plan: what the scheduler side tells the workers to copy.
+
+Plain frozen dataclasses of ints, bytes and strings, so a plan pickles cheaply (vLLM ships it to
+every worker inside the scheduler output) and cannot be changed after it was built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["ChunkOp", "RequestOps", "TransferPlan"]
+
+
+@dataclass(frozen=True)
+class ChunkOp:
+    """One chunk: its key, its host slot, and the engine blocks that hold (or will hold) it."""
+
+    key: bytes
+    slot: int
+    block_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class RequestOps:
+    """The chunks of one request moved in one direction this step."""
+
+    request_id: str
+    chunks: tuple[ChunkOp, ...]
+
+    @property
+    def slots(self) -> list[int]:
+        return [c.slot for c in self.chunks]
+
+    @property
+    def block_ids(self) -> list[int]:
+        return [b for c in self.chunks for b in c.block_ids]
+
+
+@dataclass(frozen=True)
+class TransferPlan:
+    """Everything one step moves: loads (host -> engine) and stores (engine -> host)."""
+
+    step: int
+    loads: tuple[RequestOps, ...] = ()
+    stores: tuple[RequestOps, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not self.loads and not self.stores
