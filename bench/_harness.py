@@ -107,7 +107,7 @@ def report(title: str, rows: Sequence[Row], ratios: dict[str, float], as_json: b
         )
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
     for name, value in ratios.items():
         print(f"ratio {name}: {value:.2f}x")
 

@@ -19,7 +19,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from kvortex.errors import ConfigError
 
@@ -106,7 +106,7 @@ def _size(key: str, value: object) -> int:
     return parse_size(value, key=key)
 
 
-def _tristate(key: str, value: object) -> bool | str:
+def _tristate(key: str, value: object) -> bool | Literal["auto"]:
     if isinstance(value, bool):
         return value
     if isinstance(value, str):
@@ -160,6 +160,12 @@ class KVortexConfig:
     cpu_bytes: int = _key(
         parse_size("4GiB"), _size, "Size of the pinned host-memory tier (L1), e.g. '32GiB'."
     )
+    eviction: str = _key(
+        "lru",
+        _choice("lru", "s3fifo"),
+        "Eviction policy of the host tier: 'lru', or 's3fifo' (scan resistant: a burst of "
+        "one-off prompts does not flush the hot set).",
+    )
     backend: str = _key(
         "auto",
         _choice("auto", "native", "python"),
@@ -173,7 +179,7 @@ class KVortexConfig:
         "NUMA node to bind the host pool to; none means no binding.",
         _int_text,
     )
-    hugepages: bool | str = _key(
+    hugepages: bool | Literal["auto"] = _key(
         "auto",
         _tristate,
         "Transparent huge pages for the host pool: 'auto' (use when available), true "

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
 
 from kvortex.errors import InvalidArgumentError
 from kvortex.plan import ChunkOp, RequestOps, TransferPlan
@@ -106,7 +106,7 @@ class Directory:
         return len(self._entries)
 
     def __contains__(self, key: object) -> bool:
-        entry = self._entries.get(key)  # type: ignore[arg-type]
+        entry = self._entries.get(key) if isinstance(key, bytes) else None
         return entry is not None and entry.ready
 
     @property
@@ -243,8 +243,11 @@ class Directory:
     def _take_slot(self, protected: set[bytes]) -> int | None:
         slot = self._alloc.alloc()
         while slot is None:
-            victim = self._policy.victim(
-                lambda k: k not in protected and self._evictable(self._entries[k])
+            victim = cast(
+                "bytes | None",
+                self._policy.victim(
+                    lambda k: k not in protected and self._evictable(self._entries[cast(bytes, k)])
+                ),
             )
             if victim is None:
                 return None

@@ -15,6 +15,7 @@ __all__ = [
     "InvalidTypeError",
     "KVortexError",
     "LayoutError",
+    "NotRegisteredError",
     "PoolClosed",
     "QueueClosed",
     "QueueTimeout",
@@ -73,3 +74,7 @@ class LayoutError(InvalidArgumentError):
 
 class TransferError(KVortexError, RuntimeError):
     """A copy between the engine's KV cache and host memory failed (e.g. a CUDA error)."""
+
+
+class NotRegisteredError(KVortexError, RuntimeError):
+    """The engine has no KV cache yet: call ``register_kv_caches`` first."""

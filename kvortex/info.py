@@ -22,7 +22,11 @@ def collect(config: KVortexConfig | None = None, *, probe_cuda: bool = True) -> 
     native = _loader.native()
     return {
         "version": __version__,
-        "native_core": {"loaded": native.ok, "reason": native.reason, "build": _loader.build_info()},
+        "native_core": {
+            "loaded": native.ok,
+            "reason": native.reason,
+            "build": _loader.build_info(),
+        },
         "hot_paths": {
             c.hot_path: {"active": c.active, "requested": c.requested, "reason": c.reason}
             for c in backend.describe(cfg.backend)
@@ -35,9 +39,11 @@ def collect(config: KVortexConfig | None = None, *, probe_cuda: bool = True) -> 
 
 def _machine() -> dict[str, Any]:
     nodes_dir = Path("/sys/devices/system/node")
-    nodes = sorted(
-        int(p.name[4:]) for p in nodes_dir.glob("node[0-9]*") if p.name[4:].isdigit()
-    ) if nodes_dir.is_dir() else []
+    nodes = (
+        sorted(int(p.name[4:]) for p in nodes_dir.glob("node[0-9]*") if p.name[4:].isdigit())
+        if nodes_dir.is_dir()
+        else []
+    )
     return {
         "platform": platform.platform(),
         "python": platform.python_version(),

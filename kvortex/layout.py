@@ -267,7 +267,7 @@ def _layer_pages(
     base = t.data_ptr()
     planes = []
     for idx in itertools.product(*(range(shape[i]) for i in outer)):
-        offset = sum(k * stride[i] for k, i in zip(idx, outer)) * item
+        offset = sum(k * stride[i] for k, i in zip(idx, outer, strict=False)) * item
         part = "kv" if not outer else "kv"[idx[0]]
         planes.append(Plane(name, part, base + offset, stride[bdim] * item))
     page_format = ".".join(f"{names[i]}{shape[i]}" for i in inner) + f":{t.dtype}"

@@ -165,18 +165,42 @@ class Mover:
     # -- public API ---------------------------------------------------------------------------
 
     def store(
-        self, block_ids: Sequence[int] | Any, slots: Sequence[int], *, layout_id: str | None = None
+        self,
+        block_ids: Sequence[int] | Any,
+        slots: Sequence[int],
+        *,
+        layout_id: str | None = None,
+        after: Any = None,
     ) -> TransferHandle:
-        """Copy the pages of ``block_ids`` into ``slots`` (engine -> host), asynchronously."""
+        """Copy the pages of ``block_ids`` into ``slots`` (engine -> host), asynchronously.
+
+        Args:
+            block_ids: ``len(slots) * blocks_per_chunk`` engine block ids (list, numpy or
+                tensor of ints), chunk by chunk.
+            slots: allocated host slots, one per chunk.
+            layout_id: when given, must be this mover's ``layout.layout_id`` (a plan made for
+                another engine instance is refused).
+            after: a ``torch.cuda.Event`` the copy waits for; default: all work queued so far
+                on the calling thread's current stream.
+        """
         ids, addrs = self._validate(block_ids, slots, layout_id)
-        return self._submit(True, ids, addrs, list(slots))
+        return self._submit(True, ids, addrs, list(slots), after)
 
     def load(
-        self, slots: Sequence[int], block_ids: Sequence[int] | Any, *, layout_id: str | None = None
+        self,
+        slots: Sequence[int],
+        block_ids: Sequence[int] | Any,
+        *,
+        layout_id: str | None = None,
+        after: Any = None,
     ) -> TransferHandle:
-        """Copy ``slots`` into the pages of ``block_ids`` (host -> engine), asynchronously."""
+        """Copy ``slots`` into the pages of ``block_ids`` (host -> engine), asynchronously.
+
+        Arguments as for :meth:`store`. Before reading the blocks, wait on the handle (host)
+        or call ``handle.wait_on_stream()`` (device).
+        """
         ids, addrs = self._validate(block_ids, slots, layout_id)
-        return self._submit(False, ids, addrs, list(slots))
+        return self._submit(False, ids, addrs, list(slots), after)
 
     def close(self) -> None:
         """Wait for in-flight transfers; further use raises. Idempotent."""
@@ -202,7 +226,8 @@ class Mover:
         if not self._on_cuda:
             if requested != "auto":
                 raise InvalidArgumentError(
-                    f"path={requested!r} needs CUDA tensors; the KV cache is on {self.layout.device}"
+                    f"path={requested!r} needs CUDA tensors; "
+                    f"the KV cache is on {self.layout.device}"
                 )
             return "torch"
         loaded = _loader.cuda()
@@ -255,7 +280,7 @@ class Mover:
         return ids, addrs
 
     def _submit(
-        self, to_host: bool, ids: np.ndarray, addrs: np.ndarray, slots: list[int]
+        self, to_host: bool, ids: np.ndarray, addrs: np.ndarray, slots: list[int], after: Any
     ) -> TransferHandle:
         direction = "store" if to_host else "load"
         nbytes = len(slots) * self.chunk_bytes
@@ -269,7 +294,10 @@ class Mover:
         stream = self._store_stream if to_host else self._load_stream
         # Order after the compute stream: a store must see the forward pass's writes; a load
         # must not overwrite blocks that queued kernels still read.
-        stream.wait_stream(torch.cuda.current_stream(self._device))
+        if after is not None:
+            stream.wait_event(after)
+        else:
+            stream.wait_stream(torch.cuda.current_stream(self._device))
         with torch.cuda.stream(stream):
             if self.path == "torch":
                 keepalive = self._torch_copy(to_host, ids, slots)

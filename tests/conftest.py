@@ -22,7 +22,8 @@ def _params(hot_path: str) -> list[object]:
     reason = backend.native_reason(hot_path)
     native: object = "native"
     if reason and not REQUIRE_NATIVE:
-        native = pytest.param("native", marks=pytest.mark.skip(reason=f"native {hot_path}: {reason}"))
+        skip = pytest.mark.skip(reason=f"native {hot_path}: {reason}")
+        native = pytest.param("native", marks=skip)
     return ["python", native]
 
 

@@ -31,7 +31,9 @@ def flashinfer(L: int, B: int, N: int, H: int, D: int, dtype: torch.dtype, devic
     return {f"layer.{i}": torch.empty(B, 2, N, H, D, dtype=dtype, device=device) for i in range(L)}
 
 
-def _shared(order: str, L: int, B: int, N: int, H: int, D: int, dtype: torch.dtype, device: str) -> KV:
+def _shared(
+    order: str, L: int, B: int, N: int, H: int, D: int, dtype: torch.dtype, device: str
+) -> KV:
     """vLLM 0.33: ``[B, H, N, 2D]`` views of one buffer in physical ``order`` (e.g. "LBNHC")."""
     sizes = {"L": L, "B": B, "N": N, "H": H, "C": 2 * D}
     buf = torch.empty([sizes[a] for a in order], dtype=dtype, device=device)
@@ -57,7 +59,9 @@ def blhnc(*args: object) -> KV:
 
 def mla_015(L: int, B: int, N: int, H: int, D: int, dtype: torch.dtype, device: str) -> KV:
     """vLLM 0.15 MLA: per layer ``[B, N, C]`` (C = latent width; here H * D + 8)."""
-    return {f"layer.{i}": torch.empty(B, N, H * D + 8, dtype=dtype, device=device) for i in range(L)}
+    return {
+        f"layer.{i}": torch.empty(B, N, H * D + 8, dtype=dtype, device=device) for i in range(L)
+    }
 
 
 def mla_033(L: int, B: int, N: int, H: int, D: int, dtype: torch.dtype, device: str) -> KV:

@@ -60,7 +60,7 @@ def test_unknown_key_names_it_and_lists_valid_keys() -> None:
         KVortexConfig.from_dict({"chunk_token": 256})
     message = str(info.value)
     assert "'chunk_token'" in message
-    for key in KVortexConfig.keys():
+    for key in KVortexConfig:
         assert key in message
     assert isinstance(info.value, InvalidArgumentError)
     assert isinstance(info.value, ValueError)
@@ -110,9 +110,9 @@ def test_from_env() -> None:
 
 
 def test_from_env_rejects_typos_and_bad_ints() -> None:
-    with pytest.raises(ConfigError, match="KVORTEX_CHUNK_TOKEN\\b"):
+    with pytest.raises(ConfigError, match=r"KVORTEX_CHUNK_TOKEN\b"):
         KVortexConfig.from_env({"KVORTEX_CHUNK_TOKEN": "512"})
-    with pytest.raises(ConfigError, match="chunk_tokens|KVORTEX_CHUNK_TOKENS"):
+    with pytest.raises(ConfigError, match=r"chunk_tokens|KVORTEX_CHUNK_TOKENS"):
         KVortexConfig.from_env({"KVORTEX_CHUNK_TOKENS": "many"})
 
 

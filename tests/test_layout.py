@@ -1,13 +1,13 @@
 from __future__ import annotations
 
+import itertools
+
 import pytest
+import torch
+from kv_layouts import LAYOUTS
 
-torch = pytest.importorskip("torch")
-
-from kv_layouts import LAYOUTS  # noqa: E402
-
-from kvortex.errors import InvalidTypeError, LayoutError  # noqa: E402
-from kvortex.layout import PagedLayout  # noqa: E402
+from kvortex.errors import InvalidTypeError, LayoutError
+from kvortex.layout import PagedLayout
 
 L, B, N, H, D = 3, 10, 16, 2, 8
 EXPECTED = {
@@ -53,7 +53,7 @@ def test_planes_address_pages(name: str) -> None:
             assert any(p <= start and start + layout.page_bytes <= p + n for p, n in owned.items())
     # Pages of different planes and blocks never overlap.
     starts = sorted(p.base + b * p.block_stride for p in layout.planes for b in range(B))
-    assert all(b - a >= layout.page_bytes for a, b in zip(starts, starts[1:]))
+    assert all(b - a >= layout.page_bytes for a, b in itertools.pairwise(starts))
 
 
 def test_fingerprint_tracks_byte_format() -> None:

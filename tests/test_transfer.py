@@ -8,12 +8,10 @@ from __future__ import annotations
 import ctypes
 
 import pytest
+import torch
+from kv_layouts import LAYOUTS, fill_random
 
-torch = pytest.importorskip("torch")
-
-from kv_layouts import LAYOUTS, fill_random  # noqa: E402
-
-from kvortex.errors import (  # noqa: E402
+from kvortex.errors import (
     BackendUnavailable,
     InvalidArgumentError,
     InvalidTypeError,
@@ -21,9 +19,9 @@ from kvortex.errors import (  # noqa: E402
     SlotError,
     TransferError,
 )
-from kvortex.layout import PagedLayout  # noqa: E402
-from kvortex.memory import HostSlabPool  # noqa: E402
-from kvortex.transfer import Mover  # noqa: E402
+from kvortex.layout import PagedLayout
+from kvortex.memory import HostSlabPool
+from kvortex.transfer import Mover
 
 L, B, N, H, D = 3, 24, 16, 2, 8
 BPC = 2  # blocks per chunk
@@ -40,8 +38,7 @@ def make(name: str, dtype: torch.dtype = torch.float16, bpc: int = BPC, slots: i
 def block_bytes(layout: PagedLayout, block: int) -> list[bytes]:
     """The page bytes of one engine block in every plane, read straight from memory."""
     return [
-        ctypes.string_at(p.base + block * p.block_stride, layout.page_bytes)
-        for p in layout.planes
+        ctypes.string_at(p.base + block * p.block_stride, layout.page_bytes) for p in layout.planes
     ]
 
 
@@ -53,7 +50,7 @@ def poison(layout: PagedLayout, blocks: list[int]) -> None:
 
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
 def test_round_trip_into_other_blocks(name: str) -> None:
-    kv, layout, pool, mover = make(name)
+    _kv, layout, pool, mover = make(name)
     src = [3, 4, 9, 1, B - 1, 0]  # contiguous, descending, last block, first block
     dst = [10, 11, 20, 5, 7, 2]
     slots = [pool.alloc() for _ in range(len(src) // BPC)]
@@ -70,7 +67,7 @@ def test_round_trip_into_other_blocks(name: str) -> None:
                 assert host[off : off + layout.page_bytes] == expected[src[c * BPC + j]][p]
     poison(layout, src + dst)
     mover.load(slots, dst).wait()
-    for s, d in zip(src, dst):
+    for s, d in zip(src, dst, strict=False):
         assert block_bytes(layout, d) == expected[s]
     untouched = block_bytes(layout, src[0])
     assert all(page == b"\xa5" * layout.page_bytes for page in untouched)
@@ -80,7 +77,7 @@ def test_round_trip_into_other_blocks(name: str) -> None:
 
 @pytest.mark.parametrize("name", ["fa_nhd", "blnhc"])
 def test_one_block_per_chunk(name: str) -> None:
-    kv, layout, pool, mover = make(name, bpc=1)
+    _kv, layout, pool, mover = make(name, bpc=1)
     slot = pool.alloc()
     before = block_bytes(layout, B - 1)
     mover.store([B - 1], [slot]).wait()

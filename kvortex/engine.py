@@ -1,0 +1,346 @@
+"""``KVortexEngine``: the Directory, a host pool and the Mover in one process.
+
+For users outside vLLM (and for tests): hand it the engine's KV tensors once, then ask how much
+of a prompt is stored (``lookup``), copy a prompt's KV out (``store``) and back into other
+blocks (``retrieve``). Copies run on a mover thread fed through an :class:`SPSCQueue`; store and
+retrieve return handles at once.
+
+Thread safety: every public method may be called from any thread. Directory bookkeeping runs
+under one lock; copies run on the mover thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from kvortex.config import KVortexConfig
+from kvortex.directory import Directory
+from kvortex.errors import (
+    InvalidArgumentError,
+    KVortexError,
+    NotRegisteredError,
+    QueueClosed,
+    TransferError,
+)
+from kvortex.keys import Namespace
+from kvortex.layout import PagedLayout
+from kvortex.memory import HostSlabPool
+from kvortex.queue import SPSCQueue
+from kvortex.transfer import Mover
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["KVortexEngine", "RetrieveHandle", "StoreHandle"]
+
+log = logging.getLogger("kvortex")
+
+
+class _Handle:
+    """Completion shared by store and retrieve handles."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._error: BaseException | None = None
+
+    def done(self) -> bool:
+        """True once the copy finished (or failed)."""
+        return self._event.is_set()
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until done; raise :class:`TransferError` if the copy failed."""
+        if not self._event.wait(timeout):
+            raise TimeoutError(f"transfer not finished after {timeout} s")
+        if self._error is not None:
+            raise TransferError(f"transfer failed: {self._error}") from self._error
+
+    def _finish(self, error: BaseException | None = None) -> None:
+        self._error = error
+        self._event.set()
+
+
+class StoreHandle(_Handle):
+    """A store in flight.
+
+    Attributes:
+        stored_tokens: tokens whose chunks this store copies.
+        skipped_tokens: leading tokens already stored (no copy).
+        truncated: True when the host tier could not take every chunk; the first chunks were
+            stored and the rest dropped (never an exception mid-serving).
+    """
+
+    def __init__(self, stored_tokens: int, skipped_tokens: int, truncated: bool) -> None:
+        super().__init__()
+        self.stored_tokens = stored_tokens
+        self.skipped_tokens = skipped_tokens
+        self.truncated = truncated
+
+
+class RetrieveHandle(_Handle):
+    """A retrieve in flight. ``tokens``: how many leading tokens it loads."""
+
+    def __init__(self, tokens: int) -> None:
+        super().__init__()
+        self.tokens = tokens
+
+
+class _Job:
+    __slots__ = ("after", "block_ids", "handle", "keys", "slots", "to_host")
+
+    def __init__(
+        self,
+        to_host: bool,
+        keys: list[bytes],
+        slots: list[int],
+        block_ids: list[int],
+        handle: _Handle,
+        after: Any,
+    ) -> None:
+        self.to_host = to_host
+        self.keys = keys
+        self.slots = slots
+        self.block_ids = block_ids
+        self.handle = handle
+        self.after = after
+
+
+class KVortexEngine:
+    """Standalone KV-cache engine: host tier, prefix index, asynchronous copies.
+
+    Args:
+        config: a :class:`KVortexConfig`, a mapping of its keys, or None for the defaults.
+        model: names the model (and whatever else changes its KV); part of every chunk key.
+        transfer_path: the Mover's path (``"auto"``, ``"dma"``, ``"kernel"``, ``"torch"``).
+    """
+
+    def __init__(
+        self,
+        config: KVortexConfig | Mapping[str, Any] | None = None,
+        *,
+        model: str = "default",
+        transfer_path: str = "auto",
+    ) -> None:
+        self.config = (
+            config if isinstance(config, KVortexConfig) else KVortexConfig.from_dict(config)
+        )
+        self.model = model
+        self._transfer_path = transfer_path
+        self._lock = threading.Lock()
+        self._submit_lock = threading.Lock()  # the queue has one producer: whoever holds this
+        self._closed = False
+        self.layout: PagedLayout | None = None
+        self.namespace: Namespace | None = None
+        self.directory: Directory | None = None
+        self.pool: HostSlabPool | None = None
+        self.mover: Mover | None = None
+        self._queue: SPSCQueue[_Job | None] | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- set-up -------------------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: Mapping[str, torch.Tensor], block_size: int) -> None:
+        """Adopt the engine's KV tensors (layer name -> tensor, in layer order) once."""
+        if self.layout is not None:
+            raise InvalidArgumentError("register_kv_caches was already called on this engine")
+        chunk = self.config.chunk_tokens
+        layout = PagedLayout.from_kv_caches(kv_caches, block_size)
+        if chunk % block_size:
+            raise InvalidArgumentError(
+                f"chunk_tokens={chunk} is not a multiple of the engine's block size {block_size}"
+            )
+        bpc = chunk // block_size
+        chunk_bytes = layout.chunk_bytes(bpc)
+        num_slots = self.config.cpu_bytes // chunk_bytes
+        if num_slots < 1:
+            raise InvalidArgumentError(
+                f"cpu_bytes={self.config.cpu_bytes} cannot hold one chunk of {chunk_bytes} bytes"
+            )
+        pool = HostSlabPool(
+            chunk_bytes,
+            num_slots,
+            numa_node=self.config.numa_node,
+            hugepages=self.config.hugepages,
+            backend=self.config.backend,
+        )
+        self.mover = Mover(layout, pool, bpc, path=self._transfer_path)
+        self.directory = Directory(num_slots, eviction=self.config.eviction, allocator=pool)
+        self.namespace = Namespace(
+            self.model, layout.fingerprint, layout.dtype, tenant_salt=self.config.tenant_salt
+        )
+        self.pool = pool
+        self.layout = layout
+        self._queue = SPSCQueue(1024, backend=self.config.backend)
+        self._thread = threading.Thread(target=self._run, name="kvortex-mover", daemon=True)
+        self._thread.start()
+        log.info("kvortex: %s, %d host slots of %d bytes", layout.kind, num_slots, chunk_bytes)
+
+    # -- the three operations -----------------------------------------------------------------
+
+    def lookup(self, tokens: Sequence[int] | Any) -> int:
+        """Tokens of ``tokens`` that :meth:`retrieve` can load now (a multiple of the chunk
+        size). Before registration nothing is stored: 0."""
+        if self.directory is None or self.namespace is None:
+            return 0
+        keys = self._keys(tokens)
+        with self._lock:
+            return self.directory.match(keys) * self.config.chunk_tokens
+
+    def store(self, tokens: Sequence[int] | Any, block_ids: Sequence[int]) -> StoreHandle:
+        """Copy the KV of ``tokens``'s full chunks out of ``block_ids`` (the blocks holding
+        the tokens, in order). Chunks already stored cost no copy."""
+        directory = self._registered()
+        keys = self._keys(tokens)
+        ids = self._block_ids(tokens, block_ids)
+        chunk = self.config.chunk_tokens
+        with self._lock:
+            r = directory.reserve_store(keys)
+        handle = StoreHandle(len(r.chunks) * chunk, r.already_stored * chunk, r.truncated)
+        if r.truncated:
+            log.info("kvortex: host tier full: storing %d of %d chunks", len(r.chunks), len(keys))
+        if not r.chunks:
+            handle._finish()
+            return handle
+        bpc = chunk // self._block_size()
+        job_ids = [b for i, _, _ in r.chunks for b in ids[i * bpc : (i + 1) * bpc]]
+        self._submit(
+            _Job(
+                True,
+                [k for _, k, _ in r.chunks],
+                [s for _, _, s in r.chunks],
+                job_ids,
+                handle,
+                self._after(),
+            )
+        )
+        return handle
+
+    def retrieve(self, tokens: Sequence[int] | Any, block_ids: Sequence[int]) -> RetrieveHandle:
+        """Load the longest stored prefix of ``tokens`` into ``block_ids`` (the blocks that
+        will hold the tokens, in order). ``handle.tokens`` says how many tokens it loads."""
+        directory = self._registered()
+        keys = self._keys(tokens)
+        ids = self._block_ids(tokens, block_ids)
+        with self._lock:
+            n = directory.match(keys)
+            slots = directory.pin_for_load(keys[:n])
+        handle = RetrieveHandle(n * self.config.chunk_tokens)
+        if n == 0:
+            handle._finish()
+            return handle
+        bpc = self.config.chunk_tokens // self._block_size()
+        self._submit(_Job(False, keys[:n], slots, ids[: n * bpc], handle, self._after()))
+        return handle
+
+    # -- shutdown -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Finish queued transfers, stop the mover thread and free the host pool. Idempotent."""
+        with self._submit_lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._queue is not None:
+                self._queue.close()
+        if self._thread is not None:
+            self._thread.join()
+        if self.mover is not None:
+            self.mover.close()
+        if self.pool is not None:
+            self.pool.close()
+
+    def __enter__(self) -> KVortexEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _registered(self) -> Directory:
+        if self._closed:
+            raise NotRegisteredError("this engine is closed")
+        if self.directory is None:
+            raise NotRegisteredError("call register_kv_caches before store or retrieve")
+        return self.directory
+
+    def _block_size(self) -> int:
+        assert self.layout is not None
+        return self.layout.block_size
+
+    def _keys(self, tokens: Sequence[int] | Any) -> list[bytes]:
+        assert self.namespace is not None
+        return self.namespace.chunk_keys(
+            tokens, self.config.chunk_tokens, backend=self.config.backend
+        )
+
+    def _block_ids(self, tokens: Sequence[int] | Any, block_ids: Sequence[int]) -> list[int]:
+        needed = math.ceil(len(tokens) / self._block_size())
+        ids = [int(b) for b in block_ids]
+        if len(ids) < needed:
+            raise InvalidArgumentError(
+                f"{len(tokens)} tokens need {needed} blocks of {self._block_size()} tokens, "
+                f"got {len(ids)} block ids"
+            )
+        return ids
+
+    def _after(self) -> Any:
+        """An event on the caller's current CUDA stream, so copies follow its queued work."""
+        assert self.layout is not None
+        if not self.layout.device.startswith("cuda"):
+            return None
+        import torch
+
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(torch.device(self.layout.device)))
+        return event
+
+    def _submit(self, job: _Job) -> None:
+        assert self._queue is not None
+        with self._submit_lock:
+            if self._closed:
+                self._abandon(job, NotRegisteredError("this engine is closed"))
+                raise NotRegisteredError("this engine is closed")
+            self._queue.put(job)
+
+    def _run(self) -> None:
+        """The mover thread: execute jobs in order; every outcome reaches the Directory."""
+        assert self._queue is not None and self.mover is not None
+        while True:
+            try:
+                job = self._queue.get()
+            except QueueClosed:
+                return
+            if job is None:
+                continue
+            try:
+                if job.to_host:
+                    handle = self.mover.store(job.block_ids, job.slots, after=job.after)
+                else:
+                    handle = self.mover.load(job.slots, job.block_ids, after=job.after)
+                handle.wait()
+            except Exception as exc:  # every failure is a miss, never a crash of this thread
+                log.warning(
+                    "kvortex: %s of %d chunks failed: %s",
+                    "store" if job.to_host else "load",
+                    len(job.slots),
+                    exc,
+                )
+                self._abandon(job, exc)
+                continue
+            self._complete(job, None)
+
+    def _complete(self, job: _Job, error: BaseException | None) -> None:
+        assert self.directory is not None
+        with self._lock:
+            if job.to_host:
+                self.directory.commit_store(job.keys, ok=error is None)
+            else:
+                self.directory.unpin(job.keys)
+        job.handle._finish(error)
+
+    def _abandon(self, job: _Job, error: BaseException) -> None:
+        self._complete(job, error if isinstance(error, KVortexError) else TransferError(str(error)))
