@@ -153,7 +153,13 @@ def _accepted_tokens(tokens: object) -> Any:
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(tokens, torch.Tensor):
         return _from_torch(torch, tokens)
-    raise InvalidTypeError(f"tokens is {kind.__module__}.{kind.__qualname__}; expected {_ACCEPTED}")
+    raise InvalidTypeError(f"tokens is {_type_name(tokens)}; expected {_ACCEPTED}")
+
+
+def _type_name(obj: object) -> str:
+    kind = type(obj)
+    module = kind.__module__
+    return kind.__qualname__ if module == "builtins" else f"{module}.{kind.__qualname__}"
 
 
 def _from_torch(torch: Any, tensor: Any) -> Any:
@@ -220,7 +226,7 @@ def _raise_first_bad(tokens: Sequence[Any]) -> None:
     for i, t in enumerate(tokens):
         if not isinstance(t, int) or isinstance(t, bool):
             raise InvalidTypeError(
-                f"token at index {i} is {type(t).__name__} ({t!r:.60}); expected int"
+                f"token at index {i} is {_type_name(t)} ({t!r:.60}); expected int"
             )
         if not 0 <= t < _ID_LIMIT:
             raise InvalidArgumentError(
@@ -236,16 +242,20 @@ def _ids_from_array(tokens: Any) -> memoryview:
         arr = np.asarray(tokens)
     except (TypeError, ValueError) as exc:
         raise InvalidTypeError(
-            f"tokens ({type(tokens).__name__}) cannot be read as integer ids: {exc}"
+            f"tokens ({_type_name(tokens)}) cannot be read as integer ids: {exc}"
         ) from exc
     if arr.ndim != 1:
-        raise InvalidTypeError(
-            f"tokens must be 1-D; got shape {arr.shape} ({type(tokens).__name__})"
-        )
+        raise InvalidTypeError(f"tokens must be 1-D; got shape {arr.shape} ({_type_name(tokens)})")
     if arr.dtype.kind not in "iu":
+        # Described as the native backend does: in the container's own terms.
+        if isinstance(tokens, array.array):
+            elements = f"typecode {tokens.typecode!r}"
+        elif isinstance(tokens, memoryview):
+            elements = f"format {tokens.format!r}"
+        else:
+            elements = f"dtype {arr.dtype}"
         raise InvalidTypeError(
-            f"tokens have dtype {arr.dtype}; expected an integer dtype "
-            "(signed or unsigned, 1 to 8 bytes)"
+            f"tokens have {elements}; expected an integer dtype (signed or unsigned, 1 to 8 bytes)"
         )
     signed = arr.dtype.kind == "i"
     if arr.size and (signed or arr.dtype.itemsize > 4):
