@@ -20,7 +20,7 @@ import array
 import hashlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from kvortex import _loader
@@ -55,10 +55,6 @@ _ACCEPTED = (
     "a list or tuple of ints or a 1-D integer array "
     "(numpy.ndarray, array.array, memoryview, CPU torch.Tensor)"
 )
-# (requested, KVORTEX_BACKEND) -> implementation, for successful resolutions only: whether the
-# native core loaded never changes within a process, so the answer cannot go stale, and an
-# unavailable explicit request is re-raised by backend.resolve every time.
-_resolved: dict[tuple[str | None, str | None], str] = {}
 
 
 def hash_chunks(
@@ -96,17 +92,50 @@ def hash_chunks(
             on the CPU; ``backend`` is not a backend.
         BackendUnavailable: ``backend="native"`` but the compiled core is unavailable.
     """
-    ns = _check_args(chunk_tokens, namespace, algo)
-    tokens = _accepted_tokens(tokens)
-    key = (backend, os.environ.get("KVORTEX_BACKEND"))
-    impl = _resolved.get(key)
-    if impl is None:
-        impl = _resolved[key] = _backend.resolve("hashing", backend)
-    if impl == "native":
+    # The common call (int chunk size, bytes namespace, default algo, list or ndarray) is
+    # checked inline: this function's own cost is what a short prompt pays on top of hashing.
+    if (
+        type(chunk_tokens) is int
+        and 0 < chunk_tokens <= sys.maxsize
+        and type(namespace) is bytes
+        and len(namespace) <= _MAX_NAMESPACE
+        and type(algo) is str
+        and algo == "sha256"
+    ):
+        ns = namespace
+    else:
+        ns = _check_args(chunk_tokens, namespace, algo)
+    if type(tokens) not in _PASS_THROUGH:
+        tokens = _accepted_tokens(tokens)
+    return _implementation(backend)(tokens, chunk_tokens, ns)
+
+
+_HashFn = Callable[[Any, int, bytes], list[bytes]]
+# Exact container types handed to either implementation unchanged; numpy.ndarray joins when
+# first seen (so that this module never imports numpy itself).
+_PASS_THROUGH: set[type] = {list, tuple, array.array, memoryview}
+# backend argument (or (None, KVORTEX_BACKEND) for the process default) -> implementation.
+# Only successful resolutions are cached: whether the native core loaded never changes within
+# a process, so an entry cannot go stale, and an unavailable explicit request is re-raised by
+# backend.resolve every time.
+_resolved: dict[object, _HashFn] = {}
+
+
+def _implementation(requested: object) -> _HashFn:
+    if requested is None:
+        key: object = (None, os.environ.get("KVORTEX_BACKEND"))
+    elif type(requested) is str:
+        key = requested
+    else:
+        key = None  # not hashable in general; backend.resolve rejects it below
+    fn = _resolved.get(key) if key is not None else None
+    if fn is None:
+        impl = _backend.resolve("hashing", requested)  # type: ignore[arg-type]
         native: Any = _loader.native().module
-        keys: list[bytes] = native.hash_chunks(tokens, chunk_tokens, ns)
-        return keys
-    return _hash_python(tokens, chunk_tokens, ns)
+        fn = native.hash_chunks if impl == "native" else _hash_python
+        if key is not None:
+            _resolved[key] = fn
+    return fn
 
 
 def _check_args(chunk_tokens: object, namespace: object, algo: object) -> bytes:
@@ -149,6 +178,8 @@ def _accepted_tokens(tokens: object) -> Any:
     # looking in sys.modules never imports either (importing torch takes seconds).
     np = sys.modules.get("numpy")
     if np is not None and isinstance(tokens, np.ndarray):
+        if kind is np.ndarray:
+            _PASS_THROUGH.add(kind)
         return tokens
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(tokens, torch.Tensor):

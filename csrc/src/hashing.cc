@@ -146,32 +146,47 @@ T load(const unsigned char* p) {
   return v;
 }
 
+// Non-zero exactly when v is outside [0, 2**32): for 8-byte values any of the high 32 bits
+// (which also covers negatives), for narrower signed ones the sign bit. Pure shifts, no
+// compares: 64-bit compares have no SSE2 instruction and would keep the loop below scalar-slow.
 template <typename T>
-bool in_range(T v) {
-  bool ok = true;
-  if constexpr (std::is_signed_v<T>) ok = v >= 0;
-  if constexpr (sizeof(T) > 4) {
-    // Negative values were rejected above; the cast keeps the comparison unsigned.
-    ok = ok && static_cast<std::uint64_t>(v) <= 0xFFFFFFFFu;
+std::make_unsigned_t<T> out_of_range_bits(T v) {
+  using U = std::make_unsigned_t<T>;
+  const auto u = static_cast<U>(v);
+  if constexpr (sizeof(T) == 8) {
+    return static_cast<U>(u >> 32);
+  } else if constexpr (std::is_signed_v<T>) {
+    return static_cast<U>(u >> (8 * sizeof(T) - 1));
+  } else {
+    return 0;
   }
-  return ok;
 }
 
 // Converts ids [first, first + count) to little-endian uint32 in dst; false when any is out of
-// range. Branch-free over the block (the flag is folded with &) so the loop can vectorise;
-// the rare failure is located afterwards by first_bad().
+// range. The range bits are folded without branches so the loop vectorises; the rare failure is
+// located afterwards by throw_first_bad(). The contiguous case gets its own loop because a
+// compile-time step is what lets the compiler use vector loads.
 template <typename T, bool Swap>
 bool convert(const unsigned char* base, std::ptrdiff_t stride, std::size_t first,
              std::size_t count, std::uint32_t* dst) {
   const unsigned char* p = base + static_cast<std::ptrdiff_t>(first) * stride;
-  bool ok = true;
-  for (std::size_t k = 0; k < count; ++k, p += stride) {
-    const T v = load<T, Swap>(p);
-    ok &= in_range(v);
-    const auto id = static_cast<std::uint32_t>(v);
-    dst[k] = kHostLittleEndian ? id : byteswap(id);
+  std::make_unsigned_t<T> bad = 0;
+  if (stride == static_cast<std::ptrdiff_t>(sizeof(T))) {
+    for (std::size_t k = 0; k < count; ++k) {
+      const T v = load<T, Swap>(p + k * sizeof(T));
+      bad |= out_of_range_bits(v);
+      const auto id = static_cast<std::uint32_t>(v);
+      dst[k] = kHostLittleEndian ? id : byteswap(id);
+    }
+  } else {
+    for (std::size_t k = 0; k < count; ++k, p += stride) {
+      const T v = load<T, Swap>(p);
+      bad |= out_of_range_bits(v);
+      const auto id = static_cast<std::uint32_t>(v);
+      dst[k] = kHostLittleEndian ? id : byteswap(id);
+    }
   }
-  return ok;
+  return bad == 0;
 }
 
 template <typename T, bool Swap>
@@ -179,7 +194,7 @@ template <typename T, bool Swap>
                                   std::size_t first, std::size_t count) {
   for (std::size_t k = first; k < first + count; ++k) {
     const T v = load<T, Swap>(base + static_cast<std::ptrdiff_t>(k) * stride);
-    if (!in_range(v)) {
+    if (out_of_range_bits(v) != 0) {
       const std::string value = std::is_signed_v<T>
                                     ? std::to_string(static_cast<long long>(v))
                                     : std::to_string(static_cast<unsigned long long>(v));
