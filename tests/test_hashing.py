@@ -206,6 +206,12 @@ def test_wide_ids_agree_across_dtypes(hash_backend: str, tokens: Any) -> None:
     assert hash_chunks(tokens, 3, backend=hash_backend) == reference(WIDE, 3)
 
 
+def test_zero_stride_broadcast_view(hash_backend: str) -> None:
+    view = np.broadcast_to(np.int64(7), (40,))
+    assert view.strides == (0,)
+    assert hash_chunks(view, 8, backend=hash_backend) == reference([7] * 40, 8)
+
+
 def test_int_subclasses_are_ints(hash_backend: str) -> None:
     import enum
 
@@ -432,6 +438,8 @@ def test_first_bad_element_is_reported(
         (np.zeros((0, 4), dtype=np.uint32), r"\(0, 4\)"),
         (np.array(5, dtype=np.int64), r"shape \(\)"),
         (np.zeros((2, 3), dtype=np.float64), r"\(2, 3\)"),
+        (np.zeros((2, 2), dtype=np.int32).data, r"\(2, 2\)"),
+        (np.zeros(3, dtype=[("a", "<i4")]), "dtype"),
         (b"\x01\x02", "bytes"),
         (bytearray(b"\x01"), "bytearray"),
         ("hello", "str"),
@@ -499,8 +507,9 @@ def test_bad_arguments(
 def test_errors_are_also_builtin_errors(hash_backend: str) -> None:
     with pytest.raises(ValueError):
         hash_chunks([-1], 1, backend=hash_backend)
+    not_ints: Any = [1.5]
     with pytest.raises(TypeError):
-        hash_chunks([1.5], 1, backend=hash_backend)
+        hash_chunks(not_ints, 1, backend=hash_backend)
 
 
 def test_short_input_still_validated(hash_backend: str) -> None:
