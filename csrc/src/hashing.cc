@@ -311,7 +311,9 @@ std::size_t hash_chunks(const void* base, std::size_t n_tokens, std::ptrdiff_t s
   const auto* bytes = static_cast<const unsigned char*>(base);
   // The ids' bytes are little-endian when their order matches a little-endian host's.
   const bool data_le = kHostLittleEndian != layout.swapped;
-  if (layout.width == 4 && !layout.is_signed && data_le && stride_bytes == 4) return hash_le_u32_bytes(bytes, n_tokens, chunk_tokens, h0, out);
+  if (layout.width == 4 && !layout.is_signed && data_le && stride_bytes == 4) {
+    return hash_le_u32_bytes(bytes, n_tokens, chunk_tokens, h0, out);
+  }
   const bool sw = layout.swapped;
   const std::size_t n = n_tokens;
   const std::size_t c = chunk_tokens;
