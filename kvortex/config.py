@@ -192,7 +192,7 @@ class KVortexConfig:
     )
 
     @classmethod
-    def keys(cls) -> tuple[str, ...]:
+    def key_names(cls) -> tuple[str, ...]:
         """The valid configuration keys, in documentation order."""
         return tuple(f.name for f in dataclasses.fields(cls))
 

@@ -60,7 +60,7 @@ def test_unknown_key_names_it_and_lists_valid_keys() -> None:
         KVortexConfig.from_dict({"chunk_token": 256})
     message = str(info.value)
     assert "'chunk_token'" in message
-    for key in KVortexConfig:
+    for key in KVortexConfig.key_names():
         assert key in message
     assert isinstance(info.value, InvalidArgumentError)
     assert isinstance(info.value, ValueError)
