@@ -299,14 +299,22 @@ class EventCount {
   std::condition_variable cv_;
 };
 
-// Spins up to `iterations` times (cpu_relax between checks) waiting for ready(); true as soon
-// as it holds. Used before EventCount::wait_until: when the other side is about to act (it is
-// already running), a short spin avoids a futex sleep and wake, which costs microseconds.
+// Polls ready() before a caller falls back to EventCount::wait_until: first `spins` checks with
+// cpu_relax between them (the other side is running on another core and about to act: no
+// syscall at all), then `yields` checks with std::this_thread::yield between them (the other
+// side may need this very core: on an oversubscribed machine yielding hands it over, while on
+// an idle core the yield returns at once and acts as a slower spin). True as soon as ready()
+// holds. A futex sleep plus wake costs several microseconds and more on a loaded machine; this
+// bounded poll avoids it whenever the other side answers quickly.
 template <typename Ready>
-bool spin_until(Ready&& ready, unsigned iterations) {
-  for (unsigned i = 0; i < iterations; ++i) {
+bool spin_until(Ready&& ready, unsigned spins, unsigned yields) {
+  for (unsigned i = 0; i < spins; ++i) {
     if (ready()) return true;
     cpu_relax();
+  }
+  for (unsigned i = 0; i < yields; ++i) {
+    if (ready()) return true;
+    std::this_thread::yield();
   }
   return ready();
 }
