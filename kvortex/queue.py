@@ -168,7 +168,8 @@ def _parse_timeout(timeout: object) -> float | None:
             "timeout must be None or a number of seconds (int or float), "
             f"got {timeout!r} of type {type(timeout).__name__}"
         )
-    if math.isnan(timeout) or timeout < 0:
+    # No float() before the range checks: an int beyond float range (10**400) compares fine.
+    if timeout < 0 or (isinstance(timeout, float) and math.isnan(timeout)):
         raise InvalidArgumentError(f"timeout must be None or >= 0 seconds, got {timeout!r}")
     if timeout >= _FOREVER_S:
         return None
