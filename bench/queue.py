@@ -5,7 +5,8 @@ Cases:
   second from both threads' start to the consumer's last get. Blocking calls, so every time the
   queue runs full or empty the GIL changes hands.
 - ``1 thread``: try_put + try_get pairs in one thread (put_nowait/get_nowait for queue.Queue):
-  the bare per-call cost, no hand-off.
+  the bare per-call cost, no hand-off; list.append + list.pop shows the interpreter's floor
+  for two C method calls.
 
 Run: ``PYTHONPATH=. python bench/queue.py`` (``--quick``: a smoke run; ``--json``: machine output).
 """
@@ -78,6 +79,8 @@ def one_thread(make: Factory, n: int) -> Callable[[], None]:
     q = make(64)
     if isinstance(q, std_queue.Queue):
         put, get = q.put_nowait, q.get_nowait
+    elif isinstance(q, list):
+        put, get = q.append, q.pop
     else:
         put, get = q.try_put, q.try_get
 
@@ -95,34 +98,38 @@ def main() -> None:
     args = p.parse_args()
     n = args.items or (20_000 if args.quick else 100_000)
     repeat = args.repeat or (3 if args.quick else 7)
-    capacities = (64, 1024)
     impls = _implementations()
 
     rows: list[Row] = []
-    rates: dict[tuple[str, str], float] = {}
-    for capacity in capacities:
-        case = f"2 threads, capacity {capacity}, {n} items"
-        for name, make in impls.items():
-            stats = measure(two_threads(make, capacity, n), repeat=repeat, warmup=1)
-            rate = n / stats.median
-            rates[(case, name)] = rate
-            rows.append(Row(case, name, stats, {"items/s": rate, "ns/item": 1e9 / rate}))
-    single = 4 * n
-    case = f"1 thread, try_put+try_get x{single}"
-    for name, make in impls.items():
-        stats = measure(one_thread(make, single), repeat=repeat, warmup=1)
-        rate = 2 * single / stats.median
-        rates[(case, name)] = rate
-        rows.append(Row(case, name, stats, {"ops/s": rate, "ns/op": 1e9 / rate}))
-
     ratios: dict[str, float] = {}
-    if "native" in impls:
-        for case in dict.fromkeys(c for c, _ in rates):
-            short = case.split(",")[0] + ("" if "1 thread" in case else case.split(",")[1])
+
+    def compare(label: str, rates: dict[str, float]) -> None:
+        if "native" in rates:
             for base in ("python", "queue.Queue"):
-                ratios[f"native/{base} ({short.strip()})"] = (
-                    rates[(case, "native")] / rates[(case, base)]
-                )
+                ratios[f"native/{base}, {label}"] = rates["native"] / rates[base]
+
+    # Capacity 1 hands the GIL over on every item: fewer items keep the run short.
+    for capacity, items in ((1, max(1, n // 10)), (64, n), (1024, n)):
+        label = f"2 threads, capacity {capacity}"
+        rates = {}
+        for name, make in impls.items():
+            stats = measure(two_threads(make, capacity, items), repeat=repeat, warmup=1)
+            rates[name] = items / stats.median
+            metrics = {"items/s": rates[name], "ns/item": 1e9 / rates[name]}
+            rows.append(Row(f"{label}, {items} items", name, stats, metrics))
+        compare(label, rates)
+
+    pairs = 4 * n
+    label = "1 thread, try_put+try_get"
+    rates = {}
+    # list.append + list.pop: two C method calls per iteration, the interpreter's floor.
+    floor: dict[str, Factory] = {"list (call floor)": lambda cap: []}
+    for name, make in {**impls, **floor}.items():
+        stats = measure(one_thread(make, pairs), repeat=repeat, warmup=1)
+        rates[name] = 2 * pairs / stats.median
+        metrics = {"ops/s": rates[name], "ns/op": 1e9 / rates[name]}
+        rows.append(Row(f"{label} x{pairs}", name, stats, metrics))
+    compare(label, rates)
     report("SPSC queue", rows, ratios, args.json)
 
 
