@@ -36,7 +36,7 @@ import math
 import threading
 import time
 from collections import deque
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, Generic, NoReturn, TypeVar, cast
 
 from kvortex import _loader
 from kvortex.backend import resolve
@@ -216,11 +216,16 @@ class PythonSPSCQueue(Generic[T]):
     def __len__(self) -> int:
         return len(self._items)
 
+    def __reduce__(self) -> NoReturn:
+        # A queue is a channel between two live threads; a copy would be a disconnected one.
+        raise TypeError("an SPSCQueue cannot be pickled or copied")
+
     def __repr__(self) -> str:
         state = " closed" if self._closed else ""
         return f"<PythonSPSCQueue capacity={self._capacity} len={len(self._items)}{state}>"
 
     def put(self, obj: T, timeout: float | None = None) -> None:
+        """Append ``obj``, blocking while full; see :meth:`SPSCQueue.put`."""
         seconds = _parse_timeout(timeout)
         with self._lock:
             if self._closed:
@@ -232,6 +237,7 @@ class PythonSPSCQueue(Generic[T]):
                 self._not_empty.notify()
 
     def get(self, timeout: float | None = None) -> T:
+        """Remove and return the oldest item, blocking while empty; see :meth:`SPSCQueue.get`."""
         seconds = _parse_timeout(timeout)
         with self._lock:
             if not self._items:
@@ -242,6 +248,7 @@ class PythonSPSCQueue(Generic[T]):
             return item
 
     def try_put(self, obj: T) -> bool:
+        """Append ``obj`` if there is room; see :meth:`SPSCQueue.try_put`."""
         with self._lock:
             if self._closed:
                 raise QueueClosed("try_put() on a closed queue")
@@ -253,6 +260,7 @@ class PythonSPSCQueue(Generic[T]):
             return True
 
     def try_get(self) -> tuple[bool, T | None]:
+        """``(True, item)`` or ``(False, None)``; see :meth:`SPSCQueue.try_get`."""
         with self._lock:
             if not self._items:
                 if self._closed:
@@ -264,6 +272,7 @@ class PythonSPSCQueue(Generic[T]):
             return (True, item)
 
     def close(self) -> None:
+        """Close and wake every blocked caller; see :meth:`SPSCQueue.close`."""
         with self._lock:
             self._closed = True
             self._not_empty.notify_all()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import gc
+import pickle
 import sys
 import time
 import weakref
@@ -132,6 +134,16 @@ def test_large_capacity_accepted(queue_backend: str) -> None:
         q.put(i)
     assert len(q) == 10_000
     assert [q.get() for _ in range(10_000)] == list(range(10_000))
+
+
+def test_cannot_be_pickled_or_copied(queue_backend: str) -> None:
+    q = SPSCQueue(2, backend=queue_backend)
+    q.put(1)
+    with pytest.raises(TypeError, match="pickled or copied"):
+        pickle.dumps(q)
+    with pytest.raises(TypeError, match="pickled or copied"):
+        copy.copy(q)
+    assert q.get() == 1
 
 
 def test_len_tracks_contents(queue_backend: str) -> None:

@@ -368,6 +368,13 @@ PyObject* queue_close(PyObject* self, PyObject* /*unused*/) {
   Py_RETURN_NONE;
 }
 
+PyObject* queue_reduce(PyObject* /*self*/, PyObject* /*unused*/) {
+  // A queue is a channel between two live threads; a pickled or copied one would be a
+  // different, disconnected queue. Refuse, as kvortex/queue.py's fallback does.
+  PyErr_SetString(PyExc_TypeError, "an SPSCQueue cannot be pickled or copied");
+  return nullptr;
+}
+
 Py_ssize_t queue_len(PyObject* self) {
   return static_cast<Py_ssize_t>(state_of(self).ring.size_approx());
 }
@@ -487,6 +494,7 @@ PyMethodDef queue_methods[] = {
      "Raises QueueClosed once closed and empty."},
     {"close", queue_close, METH_NOARGS,
      "close() -> None\n\nClose the queue (idempotent) and wake every blocked caller."},
+    {"__reduce__", queue_reduce, METH_NOARGS, "Refuses: a queue cannot be pickled or copied."},
     {nullptr, nullptr, 0, nullptr},
 };
 
