@@ -53,7 +53,9 @@ Result run_spin(std::size_t capacity, std::uint64_t n) {
 Result run_blocking(std::size_t capacity, std::uint64_t n) {
   kvortex::SpscRing<std::uint64_t> ring(capacity);
   kvortex::EventCount not_empty, not_full;
-  constexpr unsigned kSpins = 16, kYields = 100;  // the binding's poll budget
+  // The binding's poll budget: 16 spins, then yields for up to 50 us.
+  constexpr unsigned kSpins = 16;
+  constexpr auto kYieldFor = std::chrono::microseconds(50);
   const auto forever = Clock::now() + std::chrono::hours(24);
   bool in_order = true;
   const auto t0 = Clock::now();
@@ -65,7 +67,7 @@ Result run_blocking(std::size_t capacity, std::uint64_t n) {
         not_full.notify();
         in_order = in_order && value == expected;
         ++expected;
-      } else if (!kvortex::spin_until(has_item, kSpins, kYields)) {
+      } else if (!kvortex::spin_until(has_item, kSpins, Clock::now() + kYieldFor)) {
         not_empty.wait_until(has_item, forever);
       }
     }
@@ -73,7 +75,9 @@ Result run_blocking(std::size_t capacity, std::uint64_t n) {
   const auto has_room = [&] { return !ring.full_approx(); };
   for (std::uint64_t i = 0; i < n; ++i) {
     while (!ring.try_push(i)) {
-      if (!kvortex::spin_until(has_room, kSpins, kYields)) not_full.wait_until(has_room, forever);
+      if (!kvortex::spin_until(has_room, kSpins, Clock::now() + kYieldFor)) {
+        not_full.wait_until(has_room, forever);
+      }
     }
     not_empty.notify();
   }

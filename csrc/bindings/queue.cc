@@ -37,9 +37,9 @@ using Clock = std::chrono::steady_clock;
 // A blocked call wakes at least this often to run Python signal handlers (Ctrl-C) with the GIL.
 constexpr auto kSignalPollInterval = std::chrono::milliseconds(50);
 // Polling before a blocked call sleeps (GIL released): kSpinIterations cpu_relax spins, then
-// kYieldIterations sched_yields; see wait_released for what is polled and why.
+// sched_yield until kPollBudget has passed; see wait_released for what is polled and why.
 constexpr unsigned kSpinIterations = 16;
-constexpr unsigned kYieldIterations = 100;
+constexpr auto kPollBudget = std::chrono::microseconds(50);
 // A timeout of this many seconds or more means "wait forever" (and keeps the deadline
 // arithmetic far from overflowing the clock). kvortex/queue.py uses the same value.
 constexpr double kForeverSeconds = 1e9;
@@ -136,7 +136,9 @@ struct Timeout {
   Clock::time_point deadline{};
   PyObject* given = nullptr;  // the caller's object, for the QueueTimeout message
 
-  bool expired() const { return kind == kNoWait || (kind == kDeadline && Clock::now() >= deadline); }
+  bool expired() const {
+    return kind == kNoWait || (kind == kDeadline && Clock::now() >= deadline);
+  }
 };
 
 // The same rules as kvortex/queue.py's _parse_timeout: None, or an int (not bool) or float
@@ -198,10 +200,13 @@ enum class Wait { kReady, kSliceOver, kError };
 // condition variable and later pays a futex wake-up, several microseconds, on every hand-off.
 // So the first wait of a call polls (spins, then yields) until the ring is ready AND the other
 // side is parked here (it released the GIL, so taking it is immediate); only when that poll
-// budget is spent does it take the GIL on ready() alone, or sleep on the eventcount. With two
-// Python threads streaming items this turned a capacity-64 queue from ~1.3 M to ~6.5 M items/s
-// on a 2-core VM (bench/queue.py). `spin` is false after the first slice: a caller that already
-// slept would only burn a core by polling again.
+// budget (kPollBudget) is spent does it take the GIL on ready() alone, or sleep on the
+// eventcount. With two Python threads streaming items this took a capacity-64 queue from
+// ~1.3 M to ~8.5 M items/s on a 2-core VM (bench/queue.py); a 20 us budget was too short for
+// the other side to fill or drain a capacity-1024 ring, 100 us gained nothing over 50 us.
+// `spin` is false after the first slice: a caller that already slept would only burn a core by
+// polling again. The cost where the other side never parks here (say a consumer polling with
+// try_get and sleeping): each blocked call polls up to kPollBudget before taking the GIL.
 template <typename Ready>
 Wait wait_released(QueueState& s, Side side, EventCount& event, const Ready& ready,
                    const Timeout& timeout, bool spin) {
@@ -212,9 +217,13 @@ Wait wait_released(QueueState& s, Side side, EventCount& event, const Ready& rea
   bool ok = false;
   Py_BEGIN_ALLOW_THREADS
   if (spin) {
+    Clock::time_point poll_end = Clock::now() + kPollBudget;
+    if (timeout.kind == Timeout::kDeadline && timeout.deadline < poll_end) {
+      poll_end = timeout.deadline;
+    }
     ok = spin_until(
         [&] { return ready() && other_parked.load(std::memory_order_relaxed) > 0; },
-        kSpinIterations, kYieldIterations);
+        kSpinIterations, poll_end);
     ok = ok || ready();  // budget spent: go for the GIL if we can make progress at all
   }
   if (!ok) {
@@ -305,7 +314,9 @@ PyObject* queue_get(PyObject* self, PyObject* const* args, Py_ssize_t nargs, PyO
                    timeout.given != nullptr ? timeout.given : Py_None);
       return nullptr;
     }
-    if (wait_released(s, kConsumer, s.not_empty, has_item, timeout, first) == Wait::kError) return nullptr;
+    if (wait_released(s, kConsumer, s.not_empty, has_item, timeout, first) == Wait::kError) {
+      return nullptr;
+    }
   }
 }
 
@@ -415,7 +426,8 @@ PyObject* queue_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
   int overflow = 0;
   const long long capacity = PyLong_AsLongLongAndOverflow(capacity_obj, &overflow);
   if (capacity == -1 && PyErr_Occurred()) return nullptr;
-  if (overflow != 0 || capacity < 1 || static_cast<unsigned long long>(capacity) > kMaxRingCapacity) {
+  if (overflow != 0 || capacity < 1 ||
+      static_cast<unsigned long long>(capacity) > kMaxRingCapacity) {
     PyErr_Format(g_invalid_argument, "capacity must be between 1 and %zu, got %R",
                  kMaxRingCapacity, capacity_obj);
     return nullptr;

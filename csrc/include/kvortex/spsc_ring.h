@@ -301,22 +301,25 @@ class EventCount {
 
 // Polls ready() before a caller falls back to EventCount::wait_until: first `spins` checks with
 // cpu_relax between them (the other side is running on another core and about to act: no
-// syscall at all), then `yields` checks with std::this_thread::yield between them (the other
-// side may need this very core: on an oversubscribed machine yielding hands it over, while on
-// an idle core the yield returns at once and acts as a slower spin). True as soon as ready()
-// holds. A futex sleep plus wake costs several microseconds and more on a loaded machine; this
-// bounded poll avoids it whenever the other side answers quickly.
-template <typename Ready>
-bool spin_until(Ready&& ready, unsigned spins, unsigned yields) {
+// syscall at all), then checks with std::this_thread::yield between them until `yield_until`
+// (the other side may need this very core: on an oversubscribed machine yielding hands it over,
+// while on an idle core the yield returns at once and acts as a slower spin). True as soon as
+// ready() holds. A futex sleep plus wake costs several microseconds, more on a loaded machine;
+// this bounded poll avoids it whenever the other side answers quickly. The yield phase is
+// bounded by time, not by count: on a busy core one yield can give the CPU away for a whole
+// scheduler slice, and a count would then add up to milliseconds.
+template <typename Ready, typename Clock, typename Duration>
+bool spin_until(Ready&& ready, unsigned spins,
+                const std::chrono::time_point<Clock, Duration>& yield_until) {
   for (unsigned i = 0; i < spins; ++i) {
     if (ready()) return true;
     cpu_relax();
   }
-  for (unsigned i = 0; i < yields; ++i) {
-    if (ready()) return true;
+  while (!ready()) {
+    if (Clock::now() >= yield_until) return ready();
     std::this_thread::yield();
   }
-  return ready();
+  return true;
 }
 
 }  // namespace kvortex
