@@ -65,6 +65,13 @@ def test_capacity_keyword_and_default_backend(queue_backend: str) -> None:
     assert isinstance(SPSCQueue(2, backend="auto"), SPSCQueue)
 
 
+def test_subscripted_construction(queue_backend: str) -> None:
+    q = SPSCQueue[int](2, backend=queue_backend)
+    q.put(7)
+    assert isinstance(q, SPSCQueue)
+    assert q.get() == 7
+
+
 def test_unknown_backend_is_rejected() -> None:
     with pytest.raises(InvalidArgumentError, match="turbo"):
         SPSCQueue(4, backend="turbo")

@@ -287,12 +287,6 @@ class EventCount {
     return ok;
   }
 
-  // Whether some thread is registered as waiting (for tests and diagnostics only).
-  bool has_waiters() const noexcept {
-    // acquire: diagnostic read; pairs with nothing in particular but never reads torn state.
-    return waiters_.load(std::memory_order_acquire) != 0;
-  }
-
  private:
   std::atomic<std::uint32_t> waiters_{0};
   std::mutex mu_;
