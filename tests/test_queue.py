@@ -719,3 +719,50 @@ print("ok", round(time.monotonic() - t0, 2))
 def test_two_thread_stress(queue_backend: str, capacity: int, n: int) -> None:
     out = run_isolated(STRESS.format(backend=queue_backend, capacity=capacity, n=n), timeout=120)
     assert out.startswith("ok")
+
+
+CLOSE_MID_STREAM = """
+import threading, time
+from kvortex.errors import QueueClosed
+from kvortex.queue import SPSCQueue
+
+q = SPSCQueue({capacity}, backend={backend!r})
+put_count = [0]
+received = []
+
+def producer():
+    i = 0
+    try:
+        while True:
+            q.put(i) if i % 2 else q.put(i, timeout=30)
+            i += 1
+            put_count[0] = i
+    except QueueClosed:
+        pass
+
+def consumer():
+    try:
+        while True:
+            received.append(q.get(timeout=30))
+    except QueueClosed:
+        pass
+
+threads = [threading.Thread(target=producer), threading.Thread(target=consumer)]
+for t in threads:
+    t.start()
+time.sleep(0.3)
+q.close()  # from a third thread, while both are busy
+for t in threads:
+    t.join(30)
+assert not any(t.is_alive() for t in threads)
+assert put_count[0] > 0
+assert received == list(range(put_count[0])), (len(received), put_count[0])
+print("ok", put_count[0])
+"""
+
+
+@pytest.mark.parametrize("capacity", [1, 64])
+def test_close_mid_stream_loses_nothing(queue_backend: str, capacity: int) -> None:
+    """Every item whose put() returned is delivered, in order, even when close() races."""
+    out = run_isolated(CLOSE_MID_STREAM.format(backend=queue_backend, capacity=capacity), 60)
+    assert out.startswith("ok")
