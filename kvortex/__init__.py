@@ -1,33 +1,52 @@
 """KVortex: a KV-cache offload and reuse engine for LLM serving.
 
-Importing this package needs no GPU, no compiler and no vLLM.
+Importing this package needs no GPU, no compiler, no torch and no vLLM (torch is imported
+only when an engine is given KV tensors). The hot paths exported
+here each run on the compiled core when it is built, else on a pure-Python fallback
+(``kvortex info`` says which and why).
 """
 
 from __future__ import annotations
 
+from kvortex.config import KVortexConfig
+from kvortex.engine import KVortexEngine
 from kvortex.errors import (
     BackendUnavailable,
     ConfigError,
     InvalidArgumentError,
     InvalidTypeError,
     KVortexError,
+    LayoutError,
+    NotRegisteredError,
     PoolClosed,
     QueueClosed,
     QueueTimeout,
     SlotError,
+    TransferError,
 )
+from kvortex.hashing import hash_chunks
+from kvortex.memory import HostSlabPool
+from kvortex.queue import SPSCQueue
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailable",
     "ConfigError",
+    "HostSlabPool",
     "InvalidArgumentError",
     "InvalidTypeError",
+    "KVortexConfig",
+    "KVortexEngine",
     "KVortexError",
+    "LayoutError",
+    "NotRegisteredError",
     "PoolClosed",
     "QueueClosed",
     "QueueTimeout",
+    "SPSCQueue",
     "SlotError",
+    "TransferError",
     "__version__",
+    "hash_chunks",
 ]

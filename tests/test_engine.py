@@ -138,7 +138,7 @@ def test_bad_input() -> None:
 
 
 def test_memory_pressure_accounting_stays_exact() -> None:
-    engine, layout = engine_for("flashinfer", slots=5, eviction="s3fifo")
+    engine, _ = engine_for("flashinfer", slots=5, eviction="s3fifo")
     rng = random.Random(3)
     prefixes = [prompt(64, s) for s in range(6)]
     with engine:

@@ -227,7 +227,8 @@ TORCH_DTYPES = ["int8", "uint8", "int16", "int32", "int64", "uint16", "uint32", 
 
 @pytest.mark.parametrize("dtype", TORCH_DTYPES)
 def test_torch_tensors(hash_backend: str, dtype: str) -> None:
-    torch = pytest.importorskip("torch")
+    import torch
+
     tensor = torch.tensor(SMALL, dtype=torch.int64).to(getattr(torch, dtype))
     expected = reference(SMALL, 4)
     assert hash_chunks(tensor, 4, backend=hash_backend) == expected
@@ -238,7 +239,8 @@ def test_torch_tensors(hash_backend: str, dtype: str) -> None:
 
 
 def test_torch_wide_ids(hash_backend: str) -> None:
-    torch = pytest.importorskip("torch")
+    import torch
+
     tensor = torch.tensor(WIDE, dtype=torch.int64)
     assert hash_chunks(tensor, 3, backend=hash_backend) == reference(WIDE, 3)
 
@@ -398,7 +400,8 @@ def test_out_of_range_ids(hash_backend: str, tokens: Any, value: str, index: int
 
 
 def test_out_of_range_torch(hash_backend: str) -> None:
-    torch = pytest.importorskip("torch")
+    import torch
+
     with pytest.raises(InvalidArgumentError, match=r"-4 at index 2\b"):
         hash_chunks(torch.tensor([1, 2, -4]), 4, backend=hash_backend)
 
@@ -472,7 +475,8 @@ def test_bad_token_containers(hash_backend: str, tokens: Any, named: str) -> Non
 def test_bad_torch_tensors(
     hash_backend: str, make: Any, error: type[Exception], named: str
 ) -> None:
-    torch = pytest.importorskip("torch")
+    import torch
+
     with pytest.raises(error, match=named):
         hash_chunks(make(torch), 4, backend=hash_backend)
 

@@ -77,10 +77,13 @@ def test_unknown_backend_is_rejected() -> None:
         SPSCQueue(4, backend="turbo")
 
 
-@pytest.mark.skipif(NATIVE_OK, reason="only meaningful when the native core is missing")
-def test_native_backend_unavailable_raises() -> None:
-    with pytest.raises(BackendUnavailable):
+def test_native_backend_unavailable_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvortex import backend
+
+    monkeypatch.setattr(backend, "native_reason", lambda hot_path: "simulated: not built")
+    with pytest.raises(BackendUnavailable, match="simulated"):
         SPSCQueue(4, backend="native")
+    assert isinstance(SPSCQueue(4, backend="auto"), PythonSPSCQueue)
 
 
 @pytest.mark.skipif(not NATIVE_OK, reason="needs the native core")
