@@ -85,6 +85,7 @@ class Results:
     verified: dict[str, bool] = field(default_factory=dict)
     interference: list[dict[str, Any]] = field(default_factory=list)
     cta_sweep: list[dict[str, Any]] = field(default_factory=list)
+    enqueue: list[dict[str, Any]] = field(default_factory=list)
 
 
 def log(msg: str) -> None:
@@ -288,6 +289,12 @@ class Bench:
                     f"{kind}/matmul/{p}",
                     lambda p=p: self._interference(kind, p, movers[p], store_ids, nbytes, res),
                 )
+        if kind in ("fa-nhd", "blnhc"):
+            attempt(
+                res,
+                f"{kind}/enqueue",
+                lambda: self._enqueue_latency(kind, movers, store_ids, load_ids, res),
+            )
         if kind == "fa-nhd":
             attempt(
                 res, "cta-sweep", lambda: self._cta_sweep(layout, store_ids, load_ids, nbytes, res)
@@ -459,6 +466,67 @@ class Bench:
             f"(stores {'covered' if all(covered) else 'did NOT cover'} the matmuls)"
         )
 
+    def _enqueue_latency(
+        self,
+        kind: str,
+        movers: dict[str, Any],
+        store_ids: np.ndarray,
+        load_ids: np.ndarray,
+        res: Results,
+    ) -> None:
+        """Host time for store()/load() to return, with the compute stream idle and with ~30 ms
+        of work still queued on it. A path whose call waits for the compute stream (e.g. if
+        the driver synchronised the pageable index copy of the kernel path) shows it here."""
+        torch = self.torch
+        sleep = getattr(torch.cuda, "_sleep", None)
+        if sleep is None:
+            return
+        e0 = torch.cuda.Event(enable_timing=True)
+        e1 = torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        e0.record()
+        sleep(10_000_000)
+        e1.record()
+        torch.cuda.synchronize()
+        cycles = int(10_000_000 * 30.0 / max(e0.elapsed_time(e1), 1e-3))  # ~30 ms
+        for path in ("dma", "kernel", "torch"):
+            m = movers[path]
+            for direction in ("store", "load"):
+
+                def call(m: Any = m, direction: str = direction) -> Any:
+                    if direction == "store":
+                        return m.store(store_ids, self.slots)
+                    return m.load(self.slots, load_ids)
+
+                times = {}
+                for state in ("idle", "busy"):
+                    torch.cuda.synchronize()
+                    if state == "busy":
+                        sleep(cycles)
+                    t0 = time.perf_counter()
+                    handle = call()
+                    times[state] = time.perf_counter() - t0
+                    handle.wait()
+                    torch.cuda.synchronize()
+                entry = {
+                    "layout": kind,
+                    "path": path,
+                    "direction": direction,
+                    "enqueue_ms_idle": times["idle"] * 1e3,
+                    "enqueue_ms_busy": times["busy"] * 1e3,
+                    "busy_work_ms": 30.0,
+                }
+                res.enqueue.append(entry)
+        log(
+            "  enqueue ms (idle/busy compute stream): "
+            + ", ".join(
+                f"{e['path']} {e['direction']} "
+                f"{e['enqueue_ms_idle']:.2f}/{e['enqueue_ms_busy']:.2f}"
+                for e in res.enqueue
+                if e["layout"] == kind
+            )
+        )
+
     def _cta_sweep(
         self, layout: Any, store_ids: np.ndarray, load_ids: np.ndarray, nbytes: int, res: Results
     ) -> None:
@@ -553,6 +621,21 @@ def summary(cfg: Config, res: Results, device: dict[str, Any]) -> tuple[str, lis
                 f"{e['matmul_ms_alone']:.2f} -> {e['matmul_ms_with_store']:.2f} ms/matmul = "
                 f"{e['slowdown_pct']:+.1f}%, store {e['store_gbps_during']:.1f} GB/s meanwhile"
                 + ("" if e["stores_covered_matmuls"] else "  (stores ended early!)")
+            )
+    if res.enqueue:
+        lines.append(
+            "host ms until store()/load() returns, compute stream idle / busy for 30 ms "
+            "(busy ~ 30 = the call waited for the compute stream):"
+        )
+        for kind in dict.fromkeys(e["layout"] for e in res.enqueue):
+            lines.append(
+                f"  {kind:8} "
+                + "  ".join(
+                    f"{e['path']} {e['direction']} {e['enqueue_ms_idle']:.2f}/"
+                    f"{e['enqueue_ms_busy']:.2f}"
+                    for e in res.enqueue
+                    if e["layout"] == kind
+                )
             )
     if res.cta_sweep:
         lines.append(
@@ -707,6 +790,7 @@ def main() -> int:
         "ratios": res.ratios,
         "concurrent_matmul": res.interference,
         "kernel_cta_sweep": res.cta_sweep,
+        "enqueue_latency": res.enqueue,
         "verified_against_torch": res.verified,
         "targets": targets,
         "errors": res.errors,
