@@ -61,10 +61,13 @@ void copy_pages(bool to_host, int method, const Array<std::uint64_t>& plane_base
 }
 
 void register_host(std::int64_t ptr, std::int64_t nbytes) {
-  if (ptr <= 0) invalid("register_host: ptr must be a non-null address, got " + std::to_string(ptr));
+  if (ptr <= 0) {
+    invalid("register_host: ptr must be a non-null address, got " + std::to_string(ptr));
+  }
   if (nbytes < 1) invalid("register_host: nbytes must be >= 1, got " + std::to_string(nbytes));
   py::gil_scoped_release release;  // pinning a large region takes a while
-  kvortex::cuda::register_host(static_cast<std::uintptr_t>(ptr), static_cast<std::size_t>(nbytes));
+  kvortex::cuda::register_host(static_cast<std::uintptr_t>(ptr),
+                               static_cast<std::size_t>(nbytes));
 }
 
 void unregister_host(std::int64_t ptr) {
