@@ -298,8 +298,9 @@ def roundtrip(
     assert_loaded(kv, src, dst, before)
 
 
-# Three chunks of 4: contiguous from block 0; scattered; descending through the last block.
-SRC = [0, 1, 2, 3, 21, 9, 30, 4, 39, 38, 37, 36]
+# Three chunks of 4: contiguous from block 0; scattered and descending; adjacent but
+# descending, through the last block.
+SRC = [0, 1, 2, 3, 30, 21, 9, 4, 39, 38, 37, 36]
 DST = [10, 11, 12, 13, 35, 34, 33, 32, 5, 22, 8, 39]
 
 
@@ -449,7 +450,7 @@ def test_copy_pages_on_the_legacy_default_stream(pool: memory.HostSlabPool, slot
 # -- every layout, both CUDA paths, through Mover ------------------------------------------------
 
 
-@pytest.mark.parametrize("path", CUDA_PATHS)
+@pytest.mark.parametrize("path", [*CUDA_PATHS, "torch"])
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_roundtrip_every_layout(
     kind: str, path: str, pool: memory.HostSlabPool, slots: Any
