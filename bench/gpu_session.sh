@@ -99,22 +99,22 @@ step "GPU tests -> $OUT/pytest.log"
 TESTS=(tests/test_transfer_gpu.py)
 if [ -f tests/test_transfer.py ]; then TESTS+=(tests/test_transfer.py); fi
 echo "$PY -m pytest -m gpu -q ${TESTS[*]}"
-if KVORTEX_REQUIRE_NATIVE=1 timeout 300 "$PY" -m pytest -m gpu -q -rfEs --tb=short \
+if KVORTEX_REQUIRE_NATIVE=1 timeout 180 "$PY" -m pytest -m gpu -q -rfEs --tb=short \
   "${TESTS[@]}" >"$OUT/pytest.log" 2>&1; then
   tests="ok"
 else
   rc=$?
-  tests="FAILED ($(exit_text "$rc" 300))"
+  tests="FAILED ($(exit_text "$rc" 180))"
   status=1
 fi
 tail -80 "$OUT/pytest.log"
 
 step "benchmark -> $OUT/bench.log, $OUT/transfer.json"
-if timeout 420 "$PY" bench/transfer.py --out "$OUT/transfer.json" >"$OUT/bench.log" 2>&1; then
+if timeout 300 "$PY" bench/transfer.py --out "$OUT/transfer.json" >"$OUT/bench.log" 2>&1; then
   bench="ok"
 else
   rc=$?
-  bench="FAILED ($(exit_text "$rc" 420))"
+  bench="FAILED ($(exit_text "$rc" 300))"
   status=1
 fi
 if grep -q "^== KVortex transfer bench" "$OUT/bench.log"; then
