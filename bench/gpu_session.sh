@@ -5,7 +5,7 @@
 #   bash bench/gpu_session.sh            # results and logs in $OUT (default: ./out)
 #
 # Needs: an NVIDIA driver and GPU, nvcc, cmake, a C++ compiler, Python with torch (CUDA),
-# numpy, pyyaml, pybind11 and pytest. No network. Every step says what failed; the exit status
+# numpy, pybind11 and pytest. No network. Every step says what failed; the exit status
 # is non-zero if the build, a test or the benchmark failed. The output ends with the benchmark's
 # compact table and a result block; full logs: $OUT/{build,pytest,bench}.log, $OUT/transfer.json.
 set -euo pipefail
@@ -43,8 +43,8 @@ if [ -z "$PY" ]; then
   if command -v python >/dev/null; then PY=python; else PY=python3; fi
 fi
 command -v "$PY" >/dev/null || die "no Python interpreter ($PY)"
-"$PY" -c "import torch, numpy, yaml, pybind11, pytest" ||
-  die "missing Python packages: need torch, numpy, pyyaml, pybind11, pytest"
+"$PY" -c "import torch, numpy, pybind11, pytest" ||
+  die "missing Python packages: need torch, numpy, pybind11, pytest"
 "$PY" -c "import torch; print(f'torch {torch.__version__} (CUDA {torch.version.cuda}), ' \
 f'GPUs visible to torch: {torch.cuda.device_count()}')"
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" ||
