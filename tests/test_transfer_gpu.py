@@ -131,18 +131,21 @@ def build_kv(
     L, B, N, H, D = layers, num_blocks, block_size, heads, head_dim
     assert B > 2 and H != N, "keep shapes unambiguous for layout detection"
     names = [f"model.layers.{i}.self_attn.attn" for i in range(L)]
-    per_layer_shapes = {
-        "fa-nhd": (2, B, N, H, D),
-        "fa-hnd": (2, B, H, N, D),
-        "fi-nhd": (B, 2, N, H, D),
-        "fi-hnd": (B, 2, H, N, D),
-        "mla": (B, N, D),  # vLLM 0.15 MLA: D is the latent width (576 for DeepSeek)
+    # vLLM 0.15 per-layer tensors: HND is the NHD shape over H-before-N memory (a transpose).
+    physical = {
+        "fa-nhd": ((2, B, N, H, D), None),
+        "fa-hnd": ((2, B, H, N, D), (2, 3)),
+        "fi-nhd": ((B, 2, N, H, D), None),
+        "fi-hnd": ((B, 2, H, N, D), (2, 3)),
+        "mla": ((B, N, D), None),  # D is the latent width here (576 for DeepSeek)
     }
-    if kind in per_layer_shapes:
+    if kind in physical:
+        shape, swap = physical[kind]
+        bases = [torch.empty(shape, dtype=dtype, device=DEVICE) for _ in names]
         tensors = {
-            n: torch.empty(per_layer_shapes[kind], dtype=dtype, device=DEVICE) for n in names
+            n: b if swap is None else b.transpose(*swap) for n, b in zip(names, bases, strict=True)
         }
-        raw = [t.view(torch.uint8).view(-1) for t in tensors.values()]
+        raw = [b.view(torch.uint8).view(-1) for b in bases]
         return KV(kind, tensors, raw, 1 if kind.startswith("fa") else 0, B, N)
     # vLLM 0.33: one shared buffer, per-layer [B, H, N, C] views; C = K and V concatenated
     # (2 * head_dim), or the latent width for MLA (one head).
