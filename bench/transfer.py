@@ -83,6 +83,7 @@ class Results:
     errors: dict[str, str] = field(default_factory=dict)
     auto_path: dict[str, str] = field(default_factory=dict)
     nbytes: dict[str, int] = field(default_factory=dict)  # bytes per measurement, per layout
+    page_bytes: dict[str, int] = field(default_factory=dict)
     verified: dict[str, bool] = field(default_factory=dict)
     interference: list[dict[str, Any]] = field(default_factory=list)
     cta_sweep: list[dict[str, Any]] = field(default_factory=list)
@@ -221,6 +222,7 @@ class Bench:
         bpc, chunks = cfg.bpc, cfg.chunks
         nbytes = chunks * layout.chunk_bytes(bpc)
         res.nbytes[kind] = nbytes
+        res.page_bytes[kind] = layout.page_bytes
         log(
             f"{kind}: {layout.kind}, {layout.num_planes} planes x {layout.page_bytes} B pages, "
             f"{nbytes / GiB:.3f} GiB per measurement"
@@ -284,11 +286,13 @@ class Bench:
 
         self._concurrent(kind, res, movers, direct, layout.chunk_bytes(bpc))
         if kind in ("fa-nhd", "blnhc") and cfg.matmul_n > 0:
-            for p in ("dma", "kernel"):
+            for name, start, rate in self._background_stores(layout, movers, store_ids, nbytes):
                 attempt(
                     res,
-                    f"{kind}/matmul/{p}",
-                    lambda p=p: self._interference(kind, p, movers[p], store_ids, nbytes, res),
+                    f"{kind}/matmul/{name}",
+                    lambda name=name, start=start, rate=rate: self._interference(
+                        kind, name, start, rate, nbytes, res
+                    ),
                 )
         if kind in ("fa-nhd", "blnhc"):
             attempt(
@@ -395,10 +399,65 @@ class Bench:
                 gbps = record(res, kind, "both", impl, stats, nbytes)
                 log(f"  both  {impl:7} {gbps:6.1f} GB/s aggregate")
 
+    def _background_stores(
+        self, layout: Any, movers: dict[str, Any], ids: np.ndarray, nbytes: int
+    ) -> list[tuple[str, Callable[[], Any], str]]:
+        """(name, start, rate key): ``start()`` enqueues one store and returns something with
+        ``wait_on_stream``. ``ceiling`` (one plain pinned memcpy) is the physical reference;
+        ``dma1`` and ``kernel@4`` show what batching and fewer CTAs change."""
+        torch, cfg = self.torch, self.cfg
+        cur = torch.cuda.current_stream()
+        side = self.side[1]
+        bases = np.array([p.base for p in layout.planes], dtype=np.uint64)
+        stride = layout.planes[0].block_stride
+        host, gpu = self.pinned[:nbytes], self.gpu_flat[:nbytes]
+
+        def ceiling() -> Any:
+            side.wait_stream(cur)
+            with torch.cuda.stream(side):
+                host.copy_(gpu, non_blocking=True)
+            return _SideHandle(torch, side)
+
+        def direct(method: int, ctas: int) -> Callable[[], Any]:
+            def start() -> Any:
+                side.wait_stream(cur)
+                self.cuda.copy_pages(
+                    True,
+                    method,
+                    bases,
+                    stride,
+                    layout.page_bytes,
+                    cfg.bpc,
+                    ids,
+                    self.addrs,
+                    side.cuda_stream,
+                    ctas,
+                )
+                return _SideHandle(torch, side)
+
+            return start
+
+        def mover(m: Any) -> Callable[[], Any]:
+            return lambda: m.store(ids, self.slots)
+
+        return [
+            ("ceiling", ceiling, "ceiling"),
+            ("dma", mover(movers["dma"]), "dma"),
+            ("dma1", direct(3, 1), "dma1"),
+            (f"kernel@{cfg.max_ctas}", mover(movers["kernel"]), "kernel"),
+            ("kernel@4", direct(1, 4), "kernel"),
+        ]
+
     def _interference(
-        self, kind: str, path: str, mover: Any, ids: np.ndarray, nbytes: int, res: Results
+        self,
+        kind: str,
+        path: str,
+        start: Callable[[], Any],
+        rate_key: str,
+        nbytes: int,
+        res: Results,
     ) -> None:
-        """Matmul time on a compute stream alone vs while stores run on the mover's stream."""
+        """Matmul time on a compute stream alone vs while stores run on another stream."""
         torch, cfg = self.torch, self.cfg
         n = cfg.matmul_n
         a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
@@ -424,7 +483,7 @@ class Bench:
         torch.cuda.synchronize()
         t_mm = e0.elapsed_time(e1) / 10 / 1e3
         k = max(8, math.ceil(0.025 / t_mm))  # ~25 ms of matmuls
-        t_store = nbytes / (res.gbps.get((kind, "store", path)) or 20.0) / 1e9
+        t_store = nbytes / (res.gbps.get((kind, "store", rate_key)) or 20.0) / 1e9
         n_stores = min(64, math.ceil((2.5 * k * t_mm + 0.005) / t_store) + 1)
         alone, with_store, store_gbps, covered = [], [], [], []
         for _ in range(3):
@@ -437,7 +496,7 @@ class Bench:
             s0 = torch.cuda.Event(enable_timing=True)
             s1 = torch.cuda.Event(enable_timing=True)
             s0.record(cur)
-            handles = [mover.store(ids, self.slots) for _ in range(n_stores)]
+            handles = [start() for _ in range(n_stores)]
             e0, e1 = matmuls(k)  # enqueued after the stores: they start while stores run
             for h in handles:
                 h.wait_on_stream(cur)
@@ -564,6 +623,17 @@ class Bench:
         )
 
 
+class _SideHandle:
+    """Completion of work enqueued on a side stream (what a TransferHandle offers)."""
+
+    def __init__(self, torch: Any, stream: Any) -> None:
+        self._event = torch.cuda.Event()
+        self._event.record(stream)
+
+    def wait_on_stream(self, stream: Any) -> None:
+        stream.wait_event(self._event)
+
+
 # -- summary ------------------------------------------------------------------------------------
 
 
@@ -618,7 +688,7 @@ def summary(cfg: Config, res: Results, device: dict[str, Any]) -> tuple[str, lis
         lines.append("bf16 matmul slowdown while storing (compute stream vs mover stream):")
         for e in res.interference:
             lines.append(
-                f"  {e['layout']:8} {e['path']:6} {e['matmul_n']}^3 x{e['matmuls']}: "
+                f"  {e['layout']:8} {e['path']:9} {e['matmul_n']}^3 x{e['matmuls']}: "
                 f"{e['matmul_ms_alone']:.2f} -> {e['matmul_ms_with_store']:.2f} ms/matmul = "
                 f"{e['slowdown_pct']:+.1f}%, store {e['store_gbps_during']:.1f} GB/s meanwhile"
                 + ("" if e["stores_covered_matmuls"] else "  (stores ended early!)")
@@ -660,19 +730,34 @@ def summary(cfg: Config, res: Results, device: dict[str, Any]) -> tuple[str, lis
                 target(f"{kind} {direction} ({auto}) >= 95% of ceiling", frac, 0.95, True)
             else:
                 target(f"{kind} {direction} ({auto}) >= 90% of ceiling", frac, 0.90, True)
-                target(
-                    f"{kind} {direction} ({auto}) >= 4x naive",
-                    ga / naive if ga and naive else None,
-                    4.0,
-                    True,
-                )
+                # DESIGN's naive baseline is one memcpy per 32 KiB page; with bigger pages the
+                # naive way is already faster than ceiling / 4, so 4x cannot be asked there.
+                if res.page_bytes.get(kind, 0) <= 32 * 1024:
+                    target(
+                        f"{kind} {direction} ({auto}) >= 4x naive",
+                        ga / naive if ga and naive else None,
+                        4.0,
+                        True,
+                    )
         both = max((g.get((kind, "both", p)) or 0.0) for p in ("dma", "kernel")) or None
         if kind in ("fa-nhd", "blnhc"):
             target(f"{kind} store+load at once >= 85 GB/s (best path)", both, 85.0, True)
     for e in res.interference:
         if e["path"] == "dma":
+            ref = next(
+                (
+                    x["slowdown_pct"]
+                    for x in res.interference
+                    if x["layout"] == e["layout"] and x["path"] == "ceiling"
+                ),
+                None,
+            )
+            shown = "" if ref is None else f" (a plain pinned memcpy: {ref:+.1f}%)"
             target(
-                f"{e['layout']} matmul slowdown with dma store <= 5%", e["slowdown_pct"], 5.0, False
+                f"{e['layout']} matmul slowdown with dma store <= 5%{shown}",
+                e["slowdown_pct"],
+                5.0,
+                False,
             )
     for key, ok in res.verified.items():
         if not ok:
