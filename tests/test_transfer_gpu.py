@@ -553,6 +553,50 @@ def test_adjacent_slots_and_blocks(path: str) -> None:
             close()
 
 
+@pytest.mark.parametrize("path", CUDA_PATHS)
+def test_large_transfers_over_every_dma_lane(path: str) -> None:
+    """16 MiB moves: the DMA path splits them over its private copy streams (lanes)."""
+    kv = build_kv("fa-nhd", layers=4, num_blocks=96, heads=8, head_dim=128)
+    layout = kv.layout()
+    bpc = 16
+    n = layout.chunk_bytes(bpc)  # 4 MiB
+    p = memory.HostSlabPool(n, 12)
+    _KEEP_ALIVE.append(p)
+    try:
+        taken: list[int] = []
+
+        def take(count: int) -> list[int]:
+            new = [p.alloc() for _ in range(count)]
+            taken.extend(new)
+            return new
+
+        src = [b for c in (5, 0, 3, 1) for b in range(c * bpc, (c + 1) * bpc)]
+        dst = [b for c in (2, 4, 5, 0) for b in range(c * bpc, (c + 1) * bpc)]
+        roundtrip(kv, p, take, path, bpc, src, dst, seed=11)
+        # A store and a load at once, each over its own lanes.
+        kv.fill_random(12)
+        first, second = src[: 2 * bpc], src[2 * bpc :]
+        target = [b for c in (2, 4) for b in range(c * bpc, (c + 1) * bpc)]  # neither of them
+        with Mover(layout, p, bpc, path=path) as mover, Mover(layout, p, bpc, path="torch") as ref:
+            s1, s2, ref2 = take(2), take(2), take(2)
+            mover.store(first, s1).wait()
+            before = snapshot(kv, first)
+            ref.store(second, ref2).wait()
+            load = mover.load(s1, target)
+            store = mover.store(second, s2)
+            load.wait()
+            store.wait()
+        assert_same_host(p, s2, ref2, n)
+        torch.cuda.synchronize()
+        for name in kv.tensors:
+            for s, d in zip(first, target, strict=True):
+                assert torch.equal(kv.block(name, d), before[(name, s)]), (name, s, d)
+    finally:
+        close = getattr(p, "close", None)
+        if close is not None:
+            close()
+
+
 # -- streams and ordering -----------------------------------------------------------------------
 
 

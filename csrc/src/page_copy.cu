@@ -12,6 +12,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdio>
+#include <exception>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -166,11 +167,12 @@ std::vector<Run> plan_runs(const PageCopyArgs& a, bool merge) {
   return runs;
 }
 
-void memcpy_loop(const std::vector<Run>& runs, bool to_host, cudaStream_t stream) {
+// Runs [first, last) with one cudaMemcpyAsync each.
+void memcpy_loop(const Run* first, const Run* last, bool to_host, cudaStream_t stream) {
   const cudaMemcpyKind kind = to_host ? cudaMemcpyDeviceToHost : cudaMemcpyHostToDevice;
-  for (const Run& r : runs) {
-    check(cudaMemcpyAsync(reinterpret_cast<void*>(r.dst), reinterpret_cast<const void*>(r.src),
-                          r.bytes, kind, stream),
+  for (const Run* r = first; r != last; ++r) {
+    check(cudaMemcpyAsync(reinterpret_cast<void*>(r->dst), reinterpret_cast<const void*>(r->src),
+                          r->bytes, kind, stream),
           "cudaMemcpyAsync");
   }
 }
@@ -180,21 +182,22 @@ void memcpy_loop(const std::vector<Run>& runs, bool to_host, cudaStream_t stream
 // the loop. Relaxed: it is only a hint; a stale read costs one more refused attempt.
 std::atomic<bool> g_batch_unsupported{false};
 
-// One cudaMemcpyBatchAsync for all runs. Returns false (error cleared) when the runtime or
-// driver refuses the batch; the caller then enqueues the same copies one by one. A refused
-// batch may have enqueued some of its copies already; copying them again is harmless because
-// a transfer never writes its own sources.
-bool memcpy_batch(const std::vector<Run>& runs, cudaStream_t stream) {
+// One cudaMemcpyBatchAsync for runs [first, last). Returns false (error cleared) when the
+// runtime or driver refuses the batch; the caller then enqueues the same copies one by one. A
+// refused batch may have enqueued some of its copies already; copying them again is harmless
+// because a transfer never writes its own sources.
+bool memcpy_batch(const Run* first, const Run* last, cudaStream_t stream) {
   if (g_batch_unsupported.load(std::memory_order_relaxed)) return false;
   // The batch API rejects the legacy default stream; use the loop there.
   if (stream == nullptr || stream == cudaStreamLegacy) return false;
-  std::vector<void*> dsts(runs.size());
-  std::vector<void*> srcs(runs.size());
-  std::vector<std::size_t> sizes(runs.size());
-  for (std::size_t i = 0; i < runs.size(); ++i) {
-    dsts[i] = reinterpret_cast<void*>(runs[i].dst);
-    srcs[i] = reinterpret_cast<void*>(runs[i].src);
-    sizes[i] = runs[i].bytes;
+  const auto count = static_cast<std::size_t>(last - first);
+  std::vector<void*> dsts(count);
+  std::vector<void*> srcs(count);
+  std::vector<std::size_t> sizes(count);
+  for (std::size_t i = 0; i < count; ++i) {
+    dsts[i] = reinterpret_cast<void*>(first[i].dst);
+    srcs[i] = reinterpret_cast<void*>(first[i].src);
+    sizes[i] = first[i].bytes;
   }
   cudaMemcpyAttributes attr{};
   // Sources are read in stream order: a store must see the kernels queued before it.
@@ -203,13 +206,12 @@ bool memcpy_batch(const std::vector<Run>& runs, cudaStream_t stream) {
   // 12.8/12.9 take (void**, void**, size_t*, ..., size_t* failIdx, stream); 13.x has const
   // arrays and no failIdx. Non-const arrays convert to either.
 #if CUDART_VERSION >= 13000
-  const cudaError_t err = cudaMemcpyBatchAsync(dsts.data(), srcs.data(), sizes.data(),
-                                               runs.size(), &attr, &attr_index, 1, stream);
+  const cudaError_t err = cudaMemcpyBatchAsync(dsts.data(), srcs.data(), sizes.data(), count,
+                                               &attr, &attr_index, 1, stream);
 #else
   std::size_t fail_index = 0;
-  const cudaError_t err =
-      cudaMemcpyBatchAsync(dsts.data(), srcs.data(), sizes.data(), runs.size(), &attr,
-                           &attr_index, 1, &fail_index, stream);
+  const cudaError_t err = cudaMemcpyBatchAsync(dsts.data(), srcs.data(), sizes.data(), count,
+                                               &attr, &attr_index, 1, &fail_index, stream);
 #endif
   if (err == cudaSuccess) return true;
   (void)cudaGetLastError();
@@ -220,18 +222,128 @@ bool memcpy_batch(const std::vector<Run>& runs, cudaStream_t stream) {
 }
 #endif
 
-void copy_dma(const PageCopyArgs& a, cudaStream_t stream, bool allow_batch) {
-  const std::vector<Run> runs = plan_runs(a, /*merge=*/true);
+void enqueue_runs(const Run* first, const Run* last, bool to_host, cudaStream_t stream,
+                  bool allow_batch) {
 #if CUDART_VERSION >= 12080
-  if (allow_batch && runs.size() > 1 && memcpy_batch(runs, stream)) return;
+  if (allow_batch && last - first > 1 && memcpy_batch(first, last, stream)) return;
 #else
   (void)allow_batch;
 #endif
-  memcpy_loop(runs, a.to_host, stream);
+  memcpy_loop(first, last, to_host, stream);
+}
+
+// DMA lanes. One stream's copies run one after another on one copy engine, and each copy has
+// a fixed cost, so many mid-sized runs (per-layer layouts: 2048 runs of 512 KiB for 8K tokens)
+// reach ~90 % of the link on one stream; spread over up to 4 streams (copy engines), the
+// per-copy gaps overlap and the link saturates (measured on H200: 51.7 -> 54.4 GB/s). Lane 0
+// is the caller's stream; the others are private, non-blocking streams per device and
+// direction (so a concurrent store and load never queue behind each other), ordered by events:
+// every lane waits for the caller's stream before its first copy (fork), and the caller's
+// stream waits for every lane after its last (join), so callers see one ordinary stream-ordered
+// copy.
+constexpr int kMaxLanes = 4;
+constexpr std::uint64_t kMinLaneBytes = 4ull << 20;  // below this a lane is not worth its events
+
+int lane_count(std::size_t runs, std::uint64_t bytes) {
+  const std::uint64_t by_bytes = bytes / kMinLaneBytes;
+  std::uint64_t lanes = std::min<std::uint64_t>(kMaxLanes, std::min<std::uint64_t>(runs, by_bytes));
+  return static_cast<int>(std::max<std::uint64_t>(lanes, 1));
+}
+
+// Private stream `lane` (1..kMaxLanes-1) for `device` and direction, created on first use and
+// kept for the life of the process (destroying it at exit could race with driver teardown).
+cudaStream_t dma_lane(int device, bool to_host, int lane) {
+  static std::mutex mutex;
+  static std::vector<cudaStream_t> streams;  // [device][direction][lane]
+  constexpr int kPerDevice = 2 * kMaxLanes;
+  std::lock_guard<std::mutex> lock(mutex);
+  const std::size_t index = static_cast<std::size_t>(device) * kPerDevice +
+                            (to_host ? kMaxLanes : 0) + static_cast<std::size_t>(lane);
+  if (index >= streams.size()) streams.resize((static_cast<std::size_t>(device) + 1) * kPerDevice);
+  if (streams[index] == nullptr) {
+    cudaStream_t s = nullptr;
+    check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
+    streams[index] = s;
+  }
+  return streams[index];
+}
+
+// An event used for one fork or join only. cudaStreamWaitEvent captures the event's state when
+// it is called, and cudaEventDestroy of a recorded, unfinished event is deferred by the driver,
+// so the event may be destroyed as soon as its wait is enqueued.
+class OneShotEvent {
+ public:
+  OneShotEvent() {
+    check(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming), "cudaEventCreateWithFlags");
+  }
+  ~OneShotEvent() { (void)cudaEventDestroy(event_); }
+  OneShotEvent(const OneShotEvent&) = delete;
+  OneShotEvent& operator=(const OneShotEvent&) = delete;
+  // Make `waiter` wait for everything enqueued on `source` so far.
+  void order(cudaStream_t source, cudaStream_t waiter) {
+    check(cudaEventRecord(event_, source), "cudaEventRecord");
+    check(cudaStreamWaitEvent(waiter, event_, 0), "cudaStreamWaitEvent");
+  }
+
+ private:
+  cudaEvent_t event_ = nullptr;
+};
+
+void copy_dma(const PageCopyArgs& a, int device, cudaStream_t stream, bool allow_batch) {
+  const std::vector<Run> runs = plan_runs(a, /*merge=*/true);
+  std::uint64_t total = 0;
+  for (const Run& r : runs) total += r.bytes;
+  const int lanes = lane_count(runs.size(), total);
+  const Run* begin = runs.data();
+  if (lanes == 1) {
+    enqueue_runs(begin, begin + runs.size(), a.to_host, stream, allow_batch);
+    return;
+  }
+  // Lane i takes the runs whose bytes fall in [i * total / lanes, (i + 1) * total / lanes).
+  std::vector<std::size_t> bounds(static_cast<std::size_t>(lanes) + 1, runs.size());
+  bounds[0] = 0;
+  std::uint64_t seen = 0;
+  int lane = 1;
+  for (std::size_t i = 0; i < runs.size() && lane < lanes; ++i) {
+    seen += runs[i].bytes;
+    if (seen * static_cast<std::uint64_t>(lanes) >= total * static_cast<std::uint64_t>(lane)) {
+      bounds[static_cast<std::size_t>(lane++)] = i + 1;
+    }
+  }
+  std::vector<cudaStream_t> lane_streams(static_cast<std::size_t>(lanes), stream);
+  // Fork: every private lane waits for the caller's stream. An error here leaves nothing but
+  // waits enqueued, so it can simply propagate.
+  OneShotEvent fork;
+  for (int i = 1; i < lanes; ++i) {
+    lane_streams[static_cast<std::size_t>(i)] = dma_lane(device, a.to_host, i);
+    fork.order(stream, lane_streams[static_cast<std::size_t>(i)]);
+  }
+  // Copies, then the join, which must happen even after a failed enqueue: the caller's stream
+  // (and the event the Mover records on it) has to cover every copy that did get queued.
+  std::exception_ptr error;
+  for (int i = 0; i < lanes; ++i) {
+    try {
+      enqueue_runs(begin + bounds[static_cast<std::size_t>(i)],
+                   begin + bounds[static_cast<std::size_t>(i) + 1], a.to_host,
+                   lane_streams[static_cast<std::size_t>(i)], allow_batch);
+    } catch (...) {
+      if (!error) error = std::current_exception();
+    }
+  }
+  for (int i = 1; i < lanes; ++i) {
+    try {
+      OneShotEvent join;
+      join.order(lane_streams[static_cast<std::size_t>(i)], stream);
+    } catch (...) {
+      if (!error) error = std::current_exception();
+    }
+  }
+  if (error) std::rethrow_exception(error);
 }
 
 void copy_naive(const PageCopyArgs& a, cudaStream_t stream) {
-  memcpy_loop(plan_runs(a, /*merge=*/false), a.to_host, stream);
+  const std::vector<Run> runs = plan_runs(a, /*merge=*/false);
+  memcpy_loop(runs.data(), runs.data() + runs.size(), a.to_host, stream);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -432,7 +544,7 @@ void copy_pages(const PageCopyArgs& args) {
   auto* stream = reinterpret_cast<cudaStream_t>(args.stream);
   switch (args.method) {
     case CopyMethod::kDma:
-      copy_dma(args, stream, /*allow_batch=*/true);
+      copy_dma(args, guard.device(), stream, /*allow_batch=*/true);
       break;
     case CopyMethod::kKernel:
       copy_kernel(args, guard.device(), stream);
@@ -441,7 +553,7 @@ void copy_pages(const PageCopyArgs& args) {
       copy_naive(args, stream);
       break;
     case CopyMethod::kDmaLoop:
-      copy_dma(args, stream, /*allow_batch=*/false);
+      copy_dma(args, guard.device(), stream, /*allow_batch=*/false);
       break;
   }
 }
