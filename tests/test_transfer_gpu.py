@@ -560,7 +560,7 @@ def test_large_transfers_over_every_dma_lane(path: str) -> None:
     layout = kv.layout()
     bpc = 16
     n = layout.chunk_bytes(bpc)  # 4 MiB
-    p = memory.HostSlabPool(n, 12)
+    p = memory.HostSlabPool(n, 16)
     _KEEP_ALIVE.append(p)
     try:
         taken: list[int] = []
