@@ -12,6 +12,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <exception>
 #include <mutex>
 #include <string>
@@ -244,9 +245,20 @@ void enqueue_runs(const Run* first, const Run* last, bool to_host, cudaStream_t 
 constexpr int kMaxLanes = 4;
 constexpr std::uint64_t kMinLaneBytes = 4ull << 20;  // below this a lane is not worth its events
 
+// KVORTEX_DMA_LANES=1..4 caps the lanes (a tuning and diagnostic knob, read once per process).
+int lane_cap() {
+  static const int cap = [] {
+    const char* env = std::getenv("KVORTEX_DMA_LANES");
+    const int v = (env != nullptr && *env != '\0') ? std::atoi(env) : kMaxLanes;
+    return std::min(std::max(v, 1), kMaxLanes);
+  }();
+  return cap;
+}
+
 int lane_count(std::size_t runs, std::uint64_t bytes) {
   const std::uint64_t by_bytes = bytes / kMinLaneBytes;
-  std::uint64_t lanes = std::min<std::uint64_t>(kMaxLanes, std::min<std::uint64_t>(runs, by_bytes));
+  const auto cap = static_cast<std::uint64_t>(lane_cap());
+  const std::uint64_t lanes = std::min(cap, std::min<std::uint64_t>(runs, by_bytes));
   return static_cast<int>(std::max<std::uint64_t>(lanes, 1));
 }
 
