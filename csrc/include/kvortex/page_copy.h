@@ -21,7 +21,7 @@ namespace kvortex::cuda {
 
 // How copy_pages moves the pages.
 enum class CopyMethod : int {
-  kDma = 0,     // copy engines: merged runs, batched where the runtime allows
+  kDma = 0,     // copy engines: merged runs over up to 4 streams, batched where possible
   kKernel = 1,  // gather/scatter kernel on a few CTAs, reading/writing mapped host memory
   kNaive = 2,   // one cudaMemcpyAsync per page, no merging (the benchmark baseline)
   kDmaLoop = 3, // kDma's merged runs, always one cudaMemcpyAsync each (diagnostic: shows
