@@ -107,9 +107,10 @@ cudaStream_t as int); returns without synchronising.
 
 Args:
     to_host (bool): True: GPU -> host (store); False: host -> GPU (load).
-    method (int): 0 DMA (merged runs, batched copies), 1 gather/scatter kernel on at most
-        ``max_ctas`` CTAs (host memory must be registered with register_host), 2 naive (one
-        cudaMemcpyAsync per page), 3 DMA without batching (diagnostic).
+    method (int): 0 DMA (merged runs over up to 4 copy streams, batched), 1 gather/scatter
+        kernel on at most ``max_ctas`` CTAs (host memory must be registered with
+        register_host), 2 naive (one cudaMemcpyAsync per page), 3 DMA without batching
+        (diagnostic).
     plane_bases (numpy.ndarray[uint64], shape [P]): GPU address of block 0 of each plane.
     block_stride (int): bytes between consecutive blocks of a plane (>= page_bytes).
     page_bytes (int): bytes of one page.
