@@ -96,7 +96,7 @@ EOF
 
 status=0
 step "GPU tests -> $OUT/pytest.log"
-TESTS=(tests/test_transfer_gpu.py)
+TESTS=(tests/test_transfer_gpu.py tests/test_engine_gpu.py)
 if [ -f tests/test_transfer.py ]; then TESTS+=(tests/test_transfer.py); fi
 echo "$PY -m pytest -m gpu -q ${TESTS[*]}"
 if KVORTEX_REQUIRE_NATIVE=1 timeout 180 "$PY" -m pytest -m gpu -q -rfEs --tb=short \
@@ -123,9 +123,20 @@ else
   tail -60 "$OUT/bench.log"
 fi
 
+step "engine benchmark -> $OUT/engine.log"
+if timeout 240 "$PY" bench/engine.py >"$OUT/engine.log" 2>&1; then
+  engine_bench="ok"
+else
+  rc=$?
+  engine_bench="FAILED ($(exit_text "$rc" 240))"
+  status=1
+fi
+cat "$OUT/engine.log"
+
 step "result"
 echo "build: ok"
 echo "tests: $tests  ($(grep -E '[0-9]+ (passed|failed)' "$OUT/pytest.log" | tail -1))"
 echo "bench: $bench"
+echo "engine bench: $engine_bench"
 echo "logs:  $OUT/build.log $OUT/pytest.log $OUT/bench.log $OUT/transfer.json"
 [ "$status" = 0 ] || die "see the sections above"

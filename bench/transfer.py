@@ -25,17 +25,10 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-# Python puts this script's directory first on sys.path, and bench/ holds scripts named like
-# standard modules (queue.py), which would then shadow the standard library for torch (its
-# import fails). Keep bench/ on the path for _harness, but behind everything else.
-_BENCH_DIR = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH_DIR] + [str(_BENCH_DIR)]
-
-import numpy as np  # noqa: E402
-from _harness import Row, Stats, machine, parser  # noqa: E402
+import numpy as np
+from _harness import Row, Stats, machine, parser
 
 GiB = 1 << 30
 

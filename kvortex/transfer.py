@@ -6,7 +6,8 @@ engine blocks into the host slots (GPU -> host), ``load(slots, block_ids)`` copi
 (host -> GPU). Chunk ``c`` covers ``block_ids[c * blocks_per_chunk : (c + 1) * blocks_per_chunk]``
 and lives in ``slots[c]``, laid out plane-major (see :mod:`kvortex.layout`).
 
-Paths, chosen per mover (``path="auto"``):
+Paths (``path="auto"`` picks DMA or the kernel for each transfer, from the size of its merged
+copies; CPU tensors always take the torch path):
 
 - ``"dma"``: copy-engine transfers (``cudaMemcpyAsync``, batched where the runtime has
   ``cudaMemcpyBatchAsync``), adjacent pages merged into one copy. Barely disturbs the model's
@@ -122,7 +123,7 @@ class Mover:
         blocks_per_chunk: int,
         *,
         path: str = "auto",
-        max_ctas: int = 16,
+        max_ctas: int = 8,
     ) -> None:
         if isinstance(blocks_per_chunk, bool) or not isinstance(blocks_per_chunk, int):
             raise InvalidTypeError(f"blocks_per_chunk must be an int, got {blocks_per_chunk!r}")
@@ -157,7 +158,7 @@ class Mover:
             self._device = torch.device(layout.device)
             self._store_stream = torch.cuda.Stream(self._device)
             self._load_stream = torch.cuda.Stream(self._device)
-        if self.path in ("dma", "kernel"):
+        if self.path != "torch":
             self._cuda = _loader.cuda().module
             _register_pool(self._cuda, pool)
         pool.add_close_callback(self._on_pool_close)
@@ -237,16 +238,24 @@ class Mover:
                     f"the CUDA copy engine is unavailable: {loaded.reason}", loaded.reason
                 )
             return "torch"
-        if requested != "auto":
-            return requested
-        return "dma" if self._typical_run_bytes() >= DMA_MIN_BYTES else "kernel"
+        # "auto" on CUDA is decided per transfer (see _method_for).
+        return requested
 
-    def _typical_run_bytes(self) -> int:
-        # A chunk's blocks are usually adjacent in one-plane (block-outermost) layouts only;
-        # elsewhere each page is its own copy.
-        if self.layout.num_planes == 1:
-            return self.layout.page_bytes * self.blocks_per_chunk
-        return self.layout.page_bytes
+    def _method_for(self, ids: np.ndarray) -> int:
+        """DMA when the transfer's merged copies are large, else the gather/scatter kernel.
+
+        A copy merges pages of adjacent block ids within a chunk (and, in one-plane
+        block-outermost layouts, a page already holds every layer), so the mean run is
+        ``page_bytes * blocks / runs``. Measured on an H200 (docs/PERF.md): the copy engines
+        reach the link from runs of ~256 KiB up and barely slow the model; below that, per-copy
+        overhead dominates and the kernel on a few CTAs is faster.
+        """
+        if self.path != "auto":
+            return _METHOD_CODE[self.path]
+        per_chunk = ids.reshape(-1, self.blocks_per_chunk)
+        runs = per_chunk.shape[0] + int(np.count_nonzero(np.diff(per_chunk, axis=1) != 1))
+        mean_run = self.layout.page_bytes * len(ids) / max(runs, 1)
+        return _METHOD_CODE["dma" if mean_run >= DMA_MIN_BYTES else "kernel"]
 
     def _validate(
         self, block_ids: Sequence[int] | Any, slots: Sequence[int], layout_id: str | None
@@ -303,7 +312,7 @@ class Mover:
                 keepalive = self._torch_copy(to_host, ids, slots)
             else:
                 keepalive = None
-                self._cuda_copy(to_host, _METHOD_CODE[self.path], ids, addrs, stream.cuda_stream)
+                self._cuda_copy(to_host, self._method_for(ids), ids, addrs, stream.cuda_stream)
             event = torch.cuda.Event()
             event.record(stream)
         handle = TransferHandle(direction, len(slots), nbytes, event, keepalive)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).parents[1] / "bench"
-CPU_BENCHMARKS = ["hashing.py", "queue.py", "pool.py"]
+CPU_BENCHMARKS = ["hashing.py", "spsc_queue.py", "pool.py"]
 
 
 @pytest.mark.parametrize("program", CPU_BENCHMARKS)

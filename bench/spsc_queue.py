@@ -8,31 +8,22 @@ Cases:
   the bare per-call cost, no hand-off; list.append + list.pop shows the interpreter's floor
   for two C method calls.
 
-Run: ``PYTHONPATH=. python bench/queue.py`` (``--quick``: a smoke run; ``--json``: machine output).
+Run: ``PYTHONPATH=. python bench/spsc_queue.py`` (``--quick``: a smoke run; ``--json``: machine
+output).
 """
 
 from __future__ import annotations
 
-import os
+import queue as std_queue
 import sys
 import threading
 from collections.abc import Callable
 from typing import Any
 
-# This file is named queue.py: while its folder is sys.path[0] (as when run as a script),
-# `import queue` would import this file instead of the standard library's module. Take our
-# folder out for that one import, then put it back for the harness.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_saved_path = list(sys.path)
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-import queue as std_queue  # noqa: E402
+from _harness import Row, measure, parser, report
 
-sys.path[:] = _saved_path
-
-from _harness import Row, measure, parser, report  # noqa: E402
-
-from kvortex import backend as backends  # noqa: E402
-from kvortex.queue import SPSCQueue  # noqa: E402
+from kvortex import backend as backends
+from kvortex.queue import SPSCQueue
 
 Factory = Callable[[int], Any]
 

@@ -1,0 +1,57 @@
+"""KVortexEngine on CUDA tensors: store, garble, retrieve into other blocks, bytes equal.
+
+Skipped as a whole only when there is no CUDA device or no ``kvortex._cuda``.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from kv_layouts import LAYOUTS, fill_random
+
+from kvortex import _loader
+from kvortex.engine import KVortexEngine
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("torch sees no CUDA device", allow_module_level=True)
+if _loader.cuda().module is None:
+    pytest.skip(f"kvortex._cuda: {_loader.cuda().reason}", allow_module_level=True)
+
+L, B, N, H, D = 4, 96, 16, 2, 64
+CHUNK = 64
+
+
+def block(t: torch.Tensor, name: str, b: int) -> torch.Tensor:
+    """Block ``b`` of one layer tensor (the K/V dim comes first in FlashAttention's shape)."""
+    return t[:, b] if name.startswith("fa_") else t[b]
+
+
+@pytest.mark.parametrize("path", ["auto", "dma", "kernel"])
+@pytest.mark.parametrize("name", ["fa_nhd", "flashinfer", "lbnhc", "blnhc", "mla_033"])
+def test_engine_round_trip_on_gpu(name: str, path: str) -> None:
+    kv = LAYOUTS[name](L, B, N, H, D, torch.bfloat16, "cuda")
+    fill_random(kv, seed=11)
+    engine = KVortexEngine(
+        {"chunk_tokens": CHUNK, "cpu_bytes": "64MiB"}, model="gpu-test", transfer_path=path
+    )
+    engine.register_kv_caches(kv, N)
+    rng = random.Random(5)
+    tokens = [rng.randrange(50_000) for _ in range(200)]  # 3 chunks + 8 tokens
+    src = list(range(20, 33))
+    dst = rng.sample(range(40, B), 13)  # scattered: the kernel path's case
+    expected = [[block(t, name, b).clone() for t in kv.values()] for b in src[:12]]
+    with engine:
+        engine.store(tokens, src).wait(30)
+        for b in src + dst:
+            for t in kv.values():
+                block(t, name, b).fill_(-3.0)
+        r = engine.retrieve(tokens, dst)
+        r.wait(30)
+        assert r.tokens == 192
+        for i, b in enumerate(dst[:12]):
+            for j, t in enumerate(kv.values()):
+                assert torch.equal(block(t, name, b), expected[i][j]), (i, j)
+        assert all(bool((block(t, name, dst[12]) == -3.0).all()) for t in kv.values())
