@@ -37,6 +37,65 @@ def timed(fn: object, device: str) -> float:
     return time.perf_counter() - t0
 
 
+def run_layout(
+    name: str, device: str, dims: tuple[int, int, int, int], repeat: int, rng: np.random.Generator
+) -> tuple[list[Row], dict[str, float]]:
+    """Engine and bare-Mover store/load figures for one layout."""
+    L, H, D, tokens_n = dims
+    N, chunk = 16, 256
+    blocks = tokens_n // N
+    rows: list[Row] = []
+    ratios: dict[str, float] = {}
+    kv = LAYOUTS[name](L, 2 * blocks + 1, N, H, D, torch.bfloat16, device)
+    fill_random(kv, seed=1)
+    nbytes_prompt = L * 2 * H * D * 2 * tokens_n
+    engine = KVortexEngine(
+        {"chunk_tokens": chunk, "cpu_bytes": 3 * nbytes_prompt}, model="bench-8b"
+    )
+    engine.register_kv_caches(kv, N)
+    assert engine.layout is not None and engine.mover is not None
+    src = list(range(blocks))
+    dst = list(range(blocks, 2 * blocks))
+    store_s, load_s = [], []
+    for i in range(repeat + 1):
+        tokens = rng.integers(0, 128_000, tokens_n).tolist()
+        t_store = timed(lambda tok=tokens: engine.store(tok, src).wait(), device)
+        h = None
+
+        def retrieve(tok: list[int] = tokens) -> None:
+            nonlocal h
+            h = engine.retrieve(tok, dst)
+            h.wait()
+
+        t_load = timed(retrieve, device)
+        assert h is not None and h.tokens == tokens_n, "retrieve must load the whole prompt"
+        if i:  # the first round warms up (CUDA registration, module load)
+            store_s.append(t_store)
+            load_s.append(t_load)
+    # Baseline: the Mover alone on a pool of its own, same chunks.
+    bpc = chunk // N
+    pool = HostSlabPool(engine.layout.chunk_bytes(bpc), tokens_n // chunk)
+    mover = Mover(engine.layout, pool, bpc, path=engine.mover.path)
+    slots = [pool.alloc() for _ in range(tokens_n // chunk)]
+    raw_store = [timed(lambda: mover.store(src, slots).wait(), device) for _ in range(repeat)]
+    raw_load = [timed(lambda: mover.load(slots, dst).wait(), device) for _ in range(repeat)]
+    mover.close()
+    pool.close()
+    engine.close()
+    gb = nbytes_prompt / 1e9
+    for impl, direction, samples in (
+        ("mover", "store", raw_store),
+        ("engine", "store", store_s),
+        ("mover", "load", raw_load),
+        ("engine", "retrieve", load_s),
+    ):
+        st = Stats.of(samples)
+        rows.append(Row(f"{name} {direction}", impl, st, {"GB/s": gb / st.median}))
+    ratios[f"{name} engine/mover store"] = Stats.of(raw_store).median / Stats.of(store_s).median
+    ratios[f"{name} engine/mover load"] = Stats.of(raw_load).median / Stats.of(load_s).median
+    return rows, ratios
+
+
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -46,63 +105,13 @@ def main() -> None:
         L, H, D, tokens_n, repeat = 2, 2, 16, 1024, args.repeat or 3
     else:
         L, H, D, tokens_n, repeat = 32, 8, 128, 8192, args.repeat or 8
-    N, chunk = 16, 256
-    blocks = tokens_n // N
     rows: list[Row] = []
     ratios: dict[str, float] = {}
     rng = np.random.default_rng(0)
     for name in args.layouts.split(","):
-        kv = LAYOUTS[name](L, 2 * blocks + 1, N, H, D, torch.bfloat16, args.device)
-        fill_random(kv, seed=1)
-        nbytes_prompt = L * 2 * H * D * 2 * tokens_n
-        engine = KVortexEngine(
-            {"chunk_tokens": chunk, "cpu_bytes": 3 * nbytes_prompt}, model="bench-8b"
-        )
-        engine.register_kv_caches(kv, N)
-        assert engine.layout is not None and engine.mover is not None
-        src = list(range(blocks))
-        dst = list(range(blocks, 2 * blocks))
-        store_s, load_s = [], []
-        for i in range(repeat + 1):
-            tokens = rng.integers(0, 128_000, tokens_n).tolist()
-            t_store = timed(lambda tok=tokens: engine.store(tok, src).wait(), args.device)
-            h = None
-
-            def retrieve(tok: list[int] = tokens) -> None:
-                nonlocal h
-                h = engine.retrieve(tok, dst)
-                h.wait()
-
-            t_load = timed(retrieve, args.device)
-            assert h is not None and h.tokens == tokens_n, "retrieve must load the whole prompt"
-            if i:  # the first round warms up (CUDA registration, module load)
-                store_s.append(t_store)
-                load_s.append(t_load)
-        # Baseline: the Mover alone on a pool of its own, same chunks.
-        bpc = chunk // N
-        pool = HostSlabPool(engine.layout.chunk_bytes(bpc), tokens_n // chunk)
-        mover = Mover(engine.layout, pool, bpc, path=engine.mover.path)
-        slots = [pool.alloc() for _ in range(tokens_n // chunk)]
-        raw_store = [
-            timed(lambda: mover.store(src, slots).wait(), args.device) for _ in range(repeat)
-        ]
-        raw_load = [
-            timed(lambda: mover.load(slots, dst).wait(), args.device) for _ in range(repeat)
-        ]
-        mover.close()
-        pool.close()
-        engine.close()
-        gb = nbytes_prompt / 1e9
-        for impl, direction, samples in (
-            ("mover", "store", raw_store),
-            ("engine", "store", store_s),
-            ("mover", "load", raw_load),
-            ("engine", "retrieve", load_s),
-        ):
-            st = Stats.of(samples)
-            rows.append(Row(f"{name} {direction}", impl, st, {"GB/s": gb / st.median}))
-        ratios[f"{name} engine/mover store"] = Stats.of(raw_store).median / Stats.of(store_s).median
-        ratios[f"{name} engine/mover load"] = Stats.of(raw_load).median / Stats.of(load_s).median
+        layout_rows, layout_ratios = run_layout(name, args.device, (L, H, D, tokens_n), repeat, rng)
+        rows += layout_rows
+        ratios.update(layout_ratios)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     report(f"engine end to end, {tokens_n} tokens, {device}", rows, ratios, args.json)
 
