@@ -241,6 +241,13 @@ class Mover:
         # "auto" on CUDA is decided per transfer (see _method_for).
         return requested
 
+    def path_for(self, block_ids: Sequence[int] | Any) -> str:
+        """The path a transfer of ``block_ids`` takes: ``"dma"``, ``"kernel"`` or ``"torch"``."""
+        if self.path == "torch":
+            return "torch"
+        code = self._method_for(_as_index_array(block_ids, "block_ids"))
+        return next(name for name, c in _METHOD_CODE.items() if c == code)
+
     def _method_for(self, ids: np.ndarray) -> int:
         """DMA when the transfer's merged copies are large, else the gather/scatter kernel.
 
