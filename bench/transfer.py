@@ -805,7 +805,7 @@ def main() -> int:
         default=",".join(LAYOUTS),
         help=f"comma-separated subset of {','.join(LAYOUTS)}",
     )
-    p.add_argument("--max-ctas", type=int, default=16, help="CTAs of the kernel path")
+    p.add_argument("--max-ctas", type=int, default=8, help="CTAs of the kernel path")
     p.add_argument("--no-matmul", action="store_true", help="skip the matmul interference test")
     p.add_argument(
         "--budget", type=float, default=240.0, help="seconds; later layouts are skipped after it"
