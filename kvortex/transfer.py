@@ -48,6 +48,9 @@ __all__ = ["PATHS", "Mover", "TransferHandle"]
 
 PATHS = ("auto", "dma", "kernel", "torch")
 _METHOD_CODE = {"dma": 0, "kernel": 1, "naive": 2}
+# A block id of SKIP leaves that page alone on both sides (e.g. blocks of a chunk that the
+# engine already holds from its own prefix cache).
+SKIP = -1
 # Pages (or merged runs of adjacent pages) at least this large go through the copy engines.
 DMA_MIN_BYTES = 256 * 1024
 
@@ -280,10 +283,11 @@ class Mover:
                 f"{len(slots)} slots need {len(slots) * self.blocks_per_chunk} block ids "
                 f"({self.blocks_per_chunk} per chunk), got {len(ids)}"
             )
-        if len(ids) and (ids.min() < 0 or ids.max() >= self.layout.num_blocks):
-            bad = int(ids[(ids < 0) | (ids >= self.layout.num_blocks)][0])
+        if len(ids) and (ids.min() < SKIP or ids.max() >= self.layout.num_blocks):
+            bad = int(ids[(ids < SKIP) | (ids >= self.layout.num_blocks)][0])
             raise InvalidArgumentError(
-                f"block id {bad} is out of range: the engine has {self.layout.num_blocks} blocks"
+                f"block id {bad} is out of range: the engine has {self.layout.num_blocks} blocks "
+                f"({SKIP} skips a page)"
             )
         try:
             addrs = np.array([self.pool.address(s) for s in slots], dtype=np.uint64)
@@ -363,20 +367,49 @@ class Mover:
             host = torch.frombuffer(view, dtype=torch.uint8)[: self.chunk_bytes]
             host = host.view(len(planes), bpc, page)
             chunk_ids = index[c * bpc : (c + 1) * bpc]
-            for p, plane in enumerate(planes):
-                if to_host:
-                    if device.type == "cpu":
-                        torch.index_select(plane, 0, chunk_ids, out=host[p])
-                    else:
-                        gathered = plane.index_select(0, chunk_ids)
-                        host[p].copy_(gathered)
-                        keepalive.append(gathered)
-                else:
-                    src = host[p] if device.type == "cpu" else host[p].to(device)
-                    plane.index_copy_(0, chunk_ids, src)
-                    keepalive.append(src)
+            keep = ids[c * bpc : (c + 1) * bpc] != SKIP
+            if not keep.any():
+                continue
+            if not keep.all():  # some pages skipped: move only the others
+                rows = torch.from_numpy(np.flatnonzero(keep)).to(device)
+                chunk_ids = chunk_ids.index_select(0, rows)
+                host_rows = torch.from_numpy(np.flatnonzero(keep))
+                self._copy_rows(to_host, planes, chunk_ids, host, host_rows, keepalive)
+            else:
+                self._copy_rows(to_host, planes, chunk_ids, host, None, keepalive)
             keepalive.append(view)
         return keepalive
+
+    @staticmethod
+    def _copy_rows(
+        to_host: bool,
+        planes: list[torch.Tensor],
+        chunk_ids: torch.Tensor,
+        host: torch.Tensor,
+        host_rows: torch.Tensor | None,
+        keepalive: list[Any],
+    ) -> None:
+        """Copy the pages of ``chunk_ids`` between every plane and the host chunk ``host``
+        (``[planes, blocks_per_chunk, page_bytes]``), at ``host_rows`` (None: all rows)."""
+        import torch
+
+        device = planes[0].device
+        for p, plane in enumerate(planes):
+            if to_host:
+                if host_rows is not None:
+                    host[p].index_copy_(0, host_rows, plane.index_select(0, chunk_ids).cpu())
+                elif device.type == "cpu":
+                    torch.index_select(plane, 0, chunk_ids, out=host[p])
+                else:
+                    gathered = plane.index_select(0, chunk_ids)
+                    host[p].copy_(gathered)
+                    keepalive.append(gathered)
+            else:
+                src = host[p] if host_rows is None else host[p].index_select(0, host_rows)
+                if device.type != "cpu":
+                    src = src.to(device)
+                plane.index_copy_(0, chunk_ids, src)
+                keepalive.append(src)
 
     def _on_pool_close(self) -> None:
         self.close()

@@ -56,3 +56,29 @@ def test_engine_round_trip_on_gpu(name: str, path: str) -> None:
             for j, t in enumerate(kv.values()):
                 assert torch.equal(block(t, name, b), expected[i][j]), (i, j)
         assert all(bool((block(t, name, dst[12]) == -3).all()) for t in kv.values())
+
+
+@pytest.mark.parametrize("path", ["dma", "kernel"])
+@pytest.mark.parametrize("name", ["fa_nhd", "blnhc"])
+def test_skipped_pages_on_gpu(name: str, path: str) -> None:
+    from kvortex.layout import PagedLayout
+    from kvortex.memory import HostSlabPool
+    from kvortex.transfer import Mover
+
+    kv = LAYOUTS[name](L, B, N, H, D, torch.bfloat16, "cuda")
+    fill_random(kv, seed=3)
+    layout = PagedLayout.from_kv_caches(kv, N)
+    with HostSlabPool(layout.chunk_bytes(4), 2) as pool, Mover(layout, pool, 4, path=path) as m:
+        slot = pool.alloc()
+        expected = [[block(t, name, b).clone() for t in kv.values()] for b in (10, 11, 12, 13)]
+        m.store([10, 11, 12, 13], [slot]).wait()
+        for b in (50, 51, 52, 53):
+            for t in kv.values():
+                block(t, name, b).fill_(-3)
+        m.load([slot], [-1, 51, -1, 53]).wait()
+        for b in (50, 52):
+            assert all(bool((block(t, name, b) == -3).all()) for t in kv.values())
+        for i, b in ((1, 51), (3, 53)):
+            assert all(
+                torch.equal(block(t, name, b), expected[i][j]) for j, t in enumerate(kv.values())
+            )

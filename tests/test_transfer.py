@@ -99,7 +99,7 @@ def test_validation_before_any_copy() -> None:
     with pytest.raises(InvalidArgumentError, match="out of range"):
         mover.store([0, B], [slot])
     with pytest.raises(InvalidArgumentError, match="out of range"):
-        mover.store([-1, 0], [slot])
+        mover.store([-2, 0], [slot])
     with pytest.raises(InvalidArgumentError, match="block ids"):
         mover.store([0, 1, 2], [slot])
     with pytest.raises(SlotError):
@@ -141,3 +141,24 @@ def test_closed_mover_and_pool_close_closes_mover() -> None:
 
 def test_backend_unavailable_is_typed() -> None:
     assert issubclass(BackendUnavailable, RuntimeError)
+
+
+@pytest.mark.parametrize("name", ["fa_nhd", "lbnhc", "blnhc"])
+def test_skipped_pages_are_left_alone(name: str) -> None:
+    """Block id -1 skips a page on both sides: the engine already holds that block."""
+    _, layout, pool, mover = make(name)
+    slot = pool.alloc()
+    src = [5, 6]
+    expected = block_bytes(layout, 6)
+    mover.store([-1, 6], [slot]).wait()
+    host = bytes(pool.view(slot)[: layout.chunk_bytes(BPC)])
+    for p in range(layout.num_planes):  # the skipped page's host bytes were not written
+        off = layout.host_offset(p, 0, BPC)
+        assert host[off : off + layout.page_bytes] == b"\x00" * layout.page_bytes
+    mover.store(src, [slot]).wait()
+    poison(layout, [8, 9])
+    mover.load([slot], [-1, 9]).wait()
+    assert block_bytes(layout, 9) == expected
+    assert block_bytes(layout, 8) == [b"\xa5" * layout.page_bytes] * layout.num_planes
+    with pytest.raises(InvalidArgumentError, match="out of range"):
+        mover.load([slot], [-2, 9])

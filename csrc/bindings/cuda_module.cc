@@ -115,7 +115,8 @@ Args:
     block_stride (int): bytes between consecutive blocks of a plane (>= page_bytes).
     page_bytes (int): bytes of one page.
     blocks_per_chunk (int): blocks per chunk.
-    block_ids (numpy.ndarray[int64], shape [C * blocks_per_chunk]): engine block ids.
+    block_ids (numpy.ndarray[int64], shape [C * blocks_per_chunk]): engine block ids; -1
+        skips that page (neither side is touched).
     slot_addrs (numpy.ndarray[uint64], shape [C]): host address of each chunk.
     stream (int): the CUDA stream.
     max_ctas (int): CTAs of the kernel method (>= 1).

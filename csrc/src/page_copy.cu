@@ -76,9 +76,9 @@ void validate(const PageCopyArgs& a) {
     if (a.slot_addrs[c] == 0) invalid("slot_addrs[" + std::to_string(c) + "] is 0 (null)");
   }
   for (std::size_t i = 0; i < a.num_block_ids; ++i) {
-    if (a.block_ids[i] < 0) {
+    if (a.block_ids[i] < -1) {
       invalid("block_ids[" + std::to_string(i) + "] is " + std::to_string(a.block_ids[i]) +
-              "; block ids must be >= 0");
+              "; block ids must be >= 0, or -1 to skip the page");
     }
   }
 }
@@ -150,6 +150,7 @@ std::vector<Run> plan_runs(const PageCopyArgs& a, bool merge) {
   for (std::size_t c = 0; c < a.num_chunks; ++c) {
     for (std::size_t q = 0; q < a.num_planes; ++q) {
       for (std::size_t j = 0; j < a.blocks_per_chunk; ++j) {
+        if (a.block_ids[c * a.blocks_per_chunk + j] < 0) continue;  // -1: skip this page
         const std::uint64_t gpu = gpu_page(a, c, q, j);
         const std::uint64_t host = host_page(a, c, q, j);
         const std::uint64_t dst = a.to_host ? host : gpu;
@@ -390,7 +391,9 @@ __global__ void __launch_bounds__(kThreads) page_copy_kernel(KernelParams p) {
     const std::uint64_t in_chunk = k - c * pages_per_chunk;
     const std::uint64_t q = in_chunk / p.blocks_per_chunk;
     const std::uint64_t j = in_chunk - q * p.blocks_per_chunk;
-    const auto block = static_cast<std::uint64_t>(p.block_ids[c * p.blocks_per_chunk + j]);
+    const std::int64_t id = p.block_ids[c * p.blocks_per_chunk + j];
+    if (id < 0) continue;  // -1: skip this page (uniform across the CTA: no divergence)
+    const auto block = static_cast<std::uint64_t>(id);
     const std::uint64_t gpu = p.plane_bases[q] + block * p.block_stride;
     const std::uint64_t host = p.slot_addrs[c] + in_chunk * p.page_bytes;
     const T* __restrict__ src = reinterpret_cast<const T*>(p.to_host ? gpu : host);
