@@ -16,7 +16,7 @@ them any more); a pinned descendant is dropped when its pin is released.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, cast
 
@@ -217,6 +217,18 @@ class Directory:
                 continue
             entry.pins -= 1
             if entry.pins == 0 and entry.doomed:
+                self._drop(key)
+
+    def discard(self, keys: Iterable[bytes]) -> None:
+        """Forget ``keys`` (e.g. their load failed: the host copy cannot be trusted). A pinned
+        chunk is dropped when its last pin goes; its descendants go with it."""
+        for key in keys:
+            entry = self._entries.get(key)
+            if entry is None:
+                continue
+            if entry.pins > 0 or not entry.ready:
+                entry.doomed = True
+            else:
                 self._drop(key)
 
     # -- plans --------------------------------------------------------------------------------

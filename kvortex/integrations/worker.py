@@ -1,0 +1,241 @@
+"""The worker half of a serving-engine connector: executes the scheduler's plans.
+
+One per GPU worker. Owns the host pool (every slot handed out at start: the scheduler side
+allocates slot ids), the engine's layout and the :class:`~kvortex.transfer.Mover`. Imports no
+serving engine.
+
+Trust, but verify: the worker remembers which key each slot holds, set only when a store into
+it completed. A load from a slot that does not hold the planned key (a failed store, a
+scheduler and worker that disagree) is not performed; its blocks are reported as load errors
+so the engine recomputes them. Wrong bytes are never delivered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from kvortex.config import KVortexConfig
+from kvortex.errors import KVortexError, LayoutError
+from kvortex.layout import PagedLayout
+from kvortex.memory import HostSlabPool
+from kvortex.plan import RequestOps, TransferPlan
+from kvortex.transfer import SKIP, Mover, TransferHandle
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["WorkerSide"]
+
+log = logging.getLogger("kvortex")
+
+
+@dataclass
+class _InFlight:
+    handle: TransferHandle | None  # None: nothing was copied (every chunk refused)
+    ops: RequestOps
+    slots_keys: list[tuple[int, bytes]] = field(default_factory=list)
+
+
+class WorkerSide:
+    """Plan execution on one worker.
+
+    Args:
+        config: the validated configuration (same as the scheduler side's).
+        block_size: tokens per engine block.
+        expected_chunk_bytes: what the scheduler side sized its slots for; checked against the
+            registered layout (None: not checked).
+        rank: this worker's tensor-parallel rank (for logs; every rank runs the same plan on
+            its own shard).
+    """
+
+    def __init__(
+        self,
+        config: KVortexConfig,
+        block_size: int,
+        *,
+        expected_chunk_bytes: int | None = None,
+        rank: int = 0,
+        transfer_path: str = "auto",
+    ) -> None:
+        self.config = config
+        self.block_size = block_size
+        self.blocks_per_chunk = config.chunk_tokens // block_size
+        self.expected_chunk_bytes = expected_chunk_bytes
+        self.rank = rank
+        self.transfer_path = transfer_path
+        self.layout: PagedLayout | None = None
+        self.pool: HostSlabPool | None = None
+        self.mover: Mover | None = None
+        self._slot_keys: dict[int, bytes] = {}
+        self._stores: dict[str, _InFlight] = {}
+        self._loads: dict[str, _InFlight] = {}
+        self._sync_pending: list[TransferHandle] = []
+        self._release_after_load: set[str] = set()
+        self._load_errors: set[int] = set()
+
+    def register(self, kv_caches: Mapping[str, torch.Tensor]) -> None:
+        """Adopt the engine's KV tensors; build the layout, the pool and the mover."""
+        layout = PagedLayout.from_kv_caches(kv_caches, self.block_size)
+        chunk_bytes = layout.chunk_bytes(self.blocks_per_chunk)
+        if self.expected_chunk_bytes is not None and chunk_bytes != self.expected_chunk_bytes:
+            raise LayoutError(
+                f"the KV tensors hold {chunk_bytes} bytes per chunk ({layout.kind}), but the "
+                f"scheduler planned {self.expected_chunk_bytes}: the host tier would be "
+                "sized wrongly on one side"
+            )
+        num_slots = self.config.cpu_bytes // chunk_bytes
+        pool = HostSlabPool(
+            chunk_bytes,
+            num_slots,
+            numa_node=self.config.numa_node,
+            hugepages=self.config.hugepages,
+            backend=self.config.backend,
+        )
+        # The scheduler side allocates slot ids; here every slot is in use from the start.
+        for _ in range(num_slots):
+            pool.alloc()
+        self.mover = Mover(layout, pool, self.blocks_per_chunk, path=self.transfer_path)
+        self.pool, self.layout = pool, layout
+        log.info(
+            "kvortex worker %d: %s, %d host slots of %d bytes",
+            self.rank,
+            layout.kind,
+            num_slots,
+            chunk_bytes,
+        )
+
+    # -- per step -----------------------------------------------------------------------------
+
+    def start(
+        self,
+        plan: TransferPlan,
+        async_loads: Iterable[str] = (),
+        release_after_load: Iterable[str] = (),
+    ) -> None:
+        """Launch this step's stores and loads (all asynchronous on the device)."""
+        if self.mover is None:
+            if not plan.empty:
+                raise KVortexError("a transfer plan arrived before register_kv_caches")
+            return
+        self._release_after_load.update(release_after_load)
+        asynchronous = set(async_loads)
+        for ops in plan.stores:
+            self._start_store(ops)
+        for ops in plan.loads:
+            flight = self._start_load(ops)
+            if ops.request_id in asynchronous:
+                self._loads[ops.request_id] = flight
+            elif flight.handle is not None:
+                self._sync_pending.append(flight.handle)
+
+    def wait_sync_loads(self) -> None:
+        """Order the engine's compute after this step's in-step loads (no host wait on GPU)."""
+        pending, self._sync_pending = self._sync_pending, []
+        for handle in pending:
+            try:
+                handle.wait_on_stream()
+            except KVortexError as exc:  # pragma: no cover - device failure
+                log.warning("kvortex: load failed: %s", exc)
+
+    def poll(self) -> tuple[set[str] | None, set[str] | None]:
+        """``(finished_sending, finished_recving)`` request ids, as vLLM's ``get_finished``."""
+        sending: set[str] = set()
+        recving: set[str] = set()
+        for rid, flight in list(self._stores.items()):
+            if self._settled(flight, store=True):
+                del self._stores[rid]
+                sending.add(rid)
+        for rid, flight in list(self._loads.items()):
+            if self._settled(flight, store=False):
+                del self._loads[rid]
+                if rid in self._release_after_load:
+                    self._release_after_load.discard(rid)
+                    sending.add(rid)
+                else:
+                    recving.add(rid)
+        for rid in list(self._release_after_load):
+            if rid not in self._loads:  # its load had settled before the release was planned
+                self._release_after_load.discard(rid)
+                sending.add(rid)
+        return sending or None, recving or None
+
+    def take_load_errors(self) -> set[int]:
+        """Engine block ids whose load failed since the last call (the engine recomputes)."""
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    def preempted(self, request_ids: Iterable[str]) -> None:
+        """The engine took these requests' blocks back: let their transfers land first."""
+        for rid in request_ids:
+            for table in (self._stores, self._loads):
+                flight = table.get(rid)
+                if flight is not None and flight.handle is not None:
+                    with contextlib.suppress(KVortexError):  # reported by poll()
+                        flight.handle.wait()
+
+    def close(self) -> None:
+        if self.mover is not None:
+            self.mover.close()
+        if self.pool is not None:
+            self.pool.close()
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _start_store(self, ops: RequestOps) -> None:
+        assert self.mover is not None
+        slots_keys = [(c.slot, c.key) for c in ops.chunks]
+        for slot, _ in slots_keys:
+            self._slot_keys.pop(slot, None)  # being rewritten: holds nothing trustworthy
+        handle = None
+        try:
+            handle = self.mover.store(ops.block_ids, ops.slots)
+        except KVortexError as exc:
+            log.warning("kvortex: store of %s failed: %s", ops.request_id, exc)
+        self._stores[ops.request_id] = _InFlight(handle, ops, slots_keys)
+
+    def _start_load(self, ops: RequestOps) -> _InFlight:
+        assert self.mover is not None
+        good = [c for c in ops.chunks if self._slot_keys.get(c.slot) == c.key]
+        for c in ops.chunks:
+            if self._slot_keys.get(c.slot) != c.key:
+                self._load_errors.update(b for b in c.block_ids if b != SKIP)
+        if len(good) < len(ops.chunks):
+            log.warning(
+                "kvortex: %s: %d of %d chunks are not in this worker's host tier; the engine "
+                "will recompute them",
+                ops.request_id,
+                len(ops.chunks) - len(good),
+                len(ops.chunks),
+            )
+        handle = None
+        if good:
+            try:
+                handle = self.mover.load(
+                    [c.slot for c in good], [b for c in good for b in c.block_ids]
+                )
+            except KVortexError as exc:
+                log.warning("kvortex: load of %s failed: %s", ops.request_id, exc)
+                self._load_errors.update(b for c in good for b in c.block_ids if b != SKIP)
+        return _InFlight(handle, RequestOps(ops.request_id, tuple(good)))
+
+    def _settled(self, flight: _InFlight, *, store: bool) -> bool:
+        """True once the transfer ended; records its outcome."""
+        if flight.handle is not None:
+            try:
+                if not flight.handle.done():
+                    return False
+                ok = True
+            except KVortexError as exc:
+                log.warning("kvortex: %s failed: %s", "store" if store else "load", exc)
+                ok = False
+        else:
+            ok = not store  # a store that never started stored nothing
+        if store and ok and flight.handle is not None:
+            self._slot_keys.update(flight.slots_keys)
+        if not store and not ok:
+            self._load_errors.update(b for b in flight.ops.block_ids if b != SKIP)
+        return True
