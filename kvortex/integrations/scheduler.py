@@ -180,14 +180,18 @@ class SchedulerSide:
             self._async.add(request_id)
 
     def finished(
-        self, request_id: str, tokens: Sequence[int], num_computed: int, block_ids: Sequence[int]
+        self,
+        request_id: str,
+        tokens: Sequence[int],
+        num_computed: int,
+        block_ids: Sequence[int],
+        *,
+        salt: str | None = None,
     ) -> bool:
         """The request finished (or was aborted). Queue the store of its computed full chunks;
         return True if the engine must keep ``block_ids`` until the workers report the store
         (or, see ``hold_blocks_while_loading``, the load) finished."""
-        req = self._requests.get(request_id)
-        if req is None:
-            return False
+        req = self._request(request_id, (), salt)
         req.finished = True
         if req.loading:
             if self._hold_while_loading:

@@ -141,6 +141,7 @@ class KVortexConnector(KVConnectorBase_V1):  # type: ignore[misc]
             list(request.all_token_ids),
             int(request.num_computed_tokens),
             list(block_ids),
+            salt=getattr(request, "cache_salt", None),
         )
         return delay, None
 

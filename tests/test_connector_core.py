@@ -1,0 +1,144 @@
+"""The connector's two halves without vLLM: plans flow from SchedulerSide to WorkerSide.
+
+The vLLM-marked tests drive the same code through the real vLLM; these pin its contract
+directly (chunk alignment, skipped pages, delayed free, verification of slot contents).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import random
+
+import pytest
+import torch
+from kv_layouts import LAYOUTS, fill_random
+
+from kvortex.config import KVortexConfig
+from kvortex.errors import ConfigError, LayoutError
+from kvortex.integrations.scheduler import SchedulerSide
+from kvortex.integrations.worker import WorkerSide
+from kvortex.keys import Namespace
+from kvortex.plan import ChunkOp, RequestOps, TransferPlan
+
+L, B, N, H, D = 2, 64, 16, 2, 8
+CHUNK = 32
+
+
+def setup(name: str = "lbnhc", **cfg: object) -> tuple[SchedulerSide, WorkerSide, dict]:
+    kv = LAYOUTS[name](L, B, N, H, D, torch.float16, "cpu")
+    fill_random(kv, seed=1)
+    config = KVortexConfig.from_dict({"chunk_tokens": CHUNK, "cpu_bytes": "1MiB", **cfg})
+    worker = WorkerSide(config, N)
+    worker.register(kv)
+    assert worker.layout is not None
+    chunk_bytes = worker.layout.chunk_bytes(CHUNK // N)
+    sched = SchedulerSide(config, Namespace("m"), N, chunk_bytes, hold_blocks_while_loading=False)
+    return sched, worker, kv
+
+
+def run_step(sched: SchedulerSide, worker: WorkerSide) -> tuple[set[str], set[str], set[int]]:
+    out = sched.step()
+    worker.start(out.plan, out.async_loads, out.release_after_load)
+    worker.wait_sync_loads()
+    sending, recving = worker.poll()
+    errors = worker.take_load_errors()
+    sched.on_worker_output(sending or (), recving or (), errors)
+    return sending or set(), recving or set(), errors
+
+
+def blocks_bytes(worker: WorkerSide, blocks: list[int]) -> list[bytes]:
+    layout = worker.layout
+    assert layout is not None
+    return [
+        ctypes.string_at(p.base + b * p.block_stride, layout.page_bytes)
+        for b in blocks
+        for p in layout.planes
+    ]
+
+
+def test_store_then_load_with_local_prefix_and_skip() -> None:
+    sched, worker, _ = setup()
+    tokens = [random.Random(0).randrange(1000) for _ in range(100)]
+    src = list(range(0, 7))
+    assert sched.matched_tokens("a", tokens, 100, 0) == (0, False)
+    assert sched.finished("a", tokens, 100, src) is True  # 3 chunks to store: keep blocks
+    sending, _, _ = run_step(sched, worker)
+    assert sending == {"a"}
+    expected = blocks_bytes(worker, src[:6])
+    # Request b: same prompt; vLLM's own prefix cache already holds the first block (16 tokens).
+    external, is_async = sched.matched_tokens("b", tokens, 101, 16)
+    assert (external, is_async) == (96 - 16, False)
+    dst = [20, 21, 22, 23, 24, 25, 26]
+    sched.after_alloc("b", dst, external)
+    for b in dst:
+        for p in worker.layout.planes:  # type: ignore[union-attr]
+            ctypes.memset(p.base + b * p.block_stride, 0x11, worker.layout.page_bytes)  # type: ignore[union-attr]
+    run_step(sched, worker)
+    got = blocks_bytes(worker, dst[:6])
+    planes = worker.layout.num_planes  # type: ignore[union-attr]
+    assert got[:planes] == [b"\x11" * worker.layout.page_bytes] * planes  # type: ignore[union-attr]
+    assert got[planes:] == expected[planes:]
+    assert sched.pinned_count() == 3
+    assert sched.finished("b", tokens, 100, dst) is False  # nothing new to store
+    assert sched.pinned_count() == 0
+
+
+def test_sync_hit_never_covers_the_whole_prompt() -> None:
+    sched, worker, _ = setup()
+    tokens = list(range(64))
+    sched.finished("a", tokens, 64, [0, 1, 2, 3])
+    run_step(sched, worker)
+    assert sched.matched_tokens("b", tokens, 64, 0) == (32, False)
+    assert sched.matched_tokens("c", [*tokens, 5], 65, 0) == (64, False)
+
+
+def test_async_threshold_and_finished_recving() -> None:
+    sched, worker, _ = setup(async_load_min_tokens=32)
+    tokens = list(range(80))
+    sched.finished("a", tokens, 80, list(range(5)))
+    run_step(sched, worker)
+    external, is_async = sched.matched_tokens("b", tokens, 80, 0)
+    assert (external, is_async) == (64, True)
+    sched.after_alloc("b", list(range(10, 15)), external)
+    _, recving, _ = run_step(sched, worker)
+    assert recving == {"b"}
+
+
+def test_load_of_a_slot_the_worker_never_stored_is_an_error() -> None:
+    sched, worker, _ = setup()
+    before = blocks_bytes(worker, [40, 41])
+    plan = TransferPlan(0, loads=(RequestOps("x", (ChunkOp(b"k" * 32, 3, (40, 41)),)),))
+    worker.start(plan)
+    assert worker.take_load_errors() == {40, 41}
+    assert blocks_bytes(worker, [40, 41]) == before
+
+
+def test_failed_load_drops_the_chunks_from_the_index() -> None:
+    sched, worker, _ = setup()
+    tokens = list(range(64))
+    sched.finished("a", tokens, 64, [0, 1, 2, 3])
+    run_step(sched, worker)
+    worker._slot_keys.clear()  # the worker lost its host copy (e.g. a failed store)
+    external, _ = sched.matched_tokens("b", [*tokens, 1], 65, 0)
+    sched.after_alloc("b", [8, 9, 10, 11, 12], external)
+    _, _, errors = run_step(sched, worker)
+    assert errors == {8, 9, 10, 11}
+    sched.finished("b", [*tokens, 1], 0, [8, 9, 10, 11, 12])
+    assert sched.matched_tokens("c", [*tokens, 2], 65, 0) == (0, False)
+
+
+def test_config_and_layout_mismatch() -> None:
+    with pytest.raises(ConfigError, match="multiple"):
+        SchedulerSide(
+            KVortexConfig.from_dict({"chunk_tokens": 24}),
+            Namespace("m"),
+            16,
+            1024,
+            hold_blocks_while_loading=False,
+        )
+    kv = LAYOUTS["blnhc"](L, B, N, H, D, torch.float16, "cpu")
+    worker = WorkerSide(
+        KVortexConfig.from_dict({"chunk_tokens": CHUNK}), N, expected_chunk_bytes=12345
+    )
+    with pytest.raises(LayoutError, match="12345"):
+        worker.register(kv)
