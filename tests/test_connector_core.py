@@ -105,7 +105,7 @@ def test_async_threshold_and_finished_recving() -> None:
 
 
 def test_load_of_a_slot_the_worker_never_stored_is_an_error() -> None:
-    sched, worker, _ = setup()
+    _, worker, _ = setup()
     before = blocks_bytes(worker, [40, 41])
     plan = TransferPlan(0, loads=(RequestOps("x", (ChunkOp(b"k" * 32, 3, (40, 41)),)),))
     worker.start(plan)
