@@ -133,10 +133,21 @@ else
 fi
 cat "$OUT/engine.log"
 
+step "connector benchmark -> $OUT/connector.log"
+if timeout 240 "$PY" bench/connector.py >"$OUT/connector.log" 2>&1; then
+  connector_bench="ok"
+else
+  rc=$?
+  connector_bench="FAILED ($(exit_text "$rc" 240))"
+  status=1
+fi
+cat "$OUT/connector.log"
+
 step "result"
 echo "build: ok"
 echo "tests: $tests  ($(grep -E '[0-9]+ (passed|failed)' "$OUT/pytest.log" | tail -1))"
 echo "bench: $bench"
 echo "engine bench: $engine_bench"
+echo "connector bench: $connector_bench"
 echo "logs:  $OUT/build.log $OUT/pytest.log $OUT/bench.log $OUT/transfer.json"
 [ "$status" = 0 ] || die "see the sections above"

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).parents[1] / "bench"
-CPU_BENCHMARKS = ["hashing.py", "spsc_queue.py", "pool.py", "directory.py", "engine.py"]
+CPU_BENCHMARKS = ["hashing.py", "spsc_queue.py", "pool.py", "directory.py", "engine.py", "connector.py"]
 
 
 @pytest.mark.parametrize("program", CPU_BENCHMARKS)
 def test_benchmark_runs_quick(program: str) -> None:
     proc = subprocess.run(
         [sys.executable, str(BENCH / program), "--quick", "--json"]
-        + (["--device", "cpu"] if program == "engine.py" else []),
+        + (["--device", "cpu"] if program in ("engine.py", "connector.py") else []),
         capture_output=True,
         text=True,
         timeout=120,
