@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).parents[1] / "bench"
-CPU_BENCHMARKS = ["hashing.py", "spsc_queue.py", "pool.py", "directory.py", "engine.py", "connector.py"]
+CPU_BENCHMARKS = [
+    "hashing.py",
+    "spsc_queue.py",
+    "pool.py",
+    "directory.py",
+    "engine.py",
+    "connector.py",
+]
 
 
 @pytest.mark.parametrize("program", CPU_BENCHMARKS)
