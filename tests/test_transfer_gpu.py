@@ -364,7 +364,7 @@ def _args(layout: PagedLayout, ids: list[int], addrs: list[int], bpc: int) -> di
         ({"max_ctas": 0}, "max_ctas"),
         ({"block_stride": 16}, "block_stride"),
         ({"block_ids": np.array([0, 1, 2], dtype=np.int64)}, "block ids"),
-        ({"block_ids": np.array([0, -1], dtype=np.int64)}, "block_ids"),
+        ({"block_ids": np.array([0, -2], dtype=np.int64)}, "block_ids"),
         ({"plane_bases": np.zeros(0, dtype=np.uint64)}, "plane_bases"),
         ({"plane_bases": np.zeros(1, dtype=np.uint64)}, "plane_bases"),
         ({"slot_addrs": np.zeros(1, dtype=np.uint64)}, "slot_addrs"),
