@@ -40,17 +40,20 @@ def build_info() -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-@functools.cache
-def native() -> LoadResult:
-    """Import ``kvortex._native`` once; never raises."""
+def _load(module: str, built_key: str, reason_key: str) -> LoadResult:
     info = build_info()
-    if info.get("native") is False:
-        return LoadResult(None, f"not built: {info.get('reason') or 'unknown reason'}")
+    if info.get(built_key) is False:
+        return LoadResult(None, f"not built: {info.get(reason_key) or 'unknown reason'}")
     try:
-        module = importlib.import_module("kvortex._native")
+        return LoadResult(importlib.import_module(module), "")
     except ImportError as exc:
         return LoadResult(None, f"import failed: {exc}")
-    return LoadResult(module, "")
+
+
+@functools.cache
+def native() -> LoadResult:
+    """Import ``kvortex._native`` (the C++ core) once; never raises."""
+    return _load("kvortex._native", "native", "reason")
 
 
 @functools.cache
@@ -61,11 +64,4 @@ def cuda() -> LoadResult:
     machine without a GPU; whether a device is usable is a separate question answered by
     ``kvortex._cuda.device_count()``.
     """
-    info = build_info()
-    if info.get("cuda") is False:
-        return LoadResult(None, f"not built: {info.get('cuda_reason') or 'no CUDA compiler'}")
-    try:
-        module = importlib.import_module("kvortex._cuda")
-    except ImportError as exc:
-        return LoadResult(None, f"import failed: {exc}")
-    return LoadResult(module, "")
+    return _load("kvortex._cuda", "cuda", "cuda_reason")

@@ -159,13 +159,7 @@ class KVortexEngine:
             raise InvalidArgumentError(
                 f"cpu_bytes={self.config.cpu_bytes} cannot hold one chunk of {chunk_bytes} bytes"
             )
-        pool = HostSlabPool(
-            chunk_bytes,
-            num_slots,
-            numa_node=self.config.numa_node,
-            hugepages=self.config.hugepages,
-            backend=self.config.backend,
-        )
+        pool = HostSlabPool.for_config(self.config, chunk_bytes, num_slots)
         self.mover = Mover(layout, pool, bpc, path=self._transfer_path)
         self.directory = Directory(num_slots, eviction=self.config.eviction, allocator=pool)
         self.namespace = Namespace(

@@ -27,7 +27,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Protocol, SupportsIndex, cast
+from typing import TYPE_CHECKING, Any, Literal, Protocol, SupportsIndex, cast
 
 from kvortex import _loader
 from kvortex import backend as _backend
@@ -38,6 +38,9 @@ from kvortex.errors import (
     PoolClosed,
     SlotError,
 )
+
+if TYPE_CHECKING:
+    from kvortex.config import KVortexConfig
 
 __all__ = ["SLOT_ALIGNMENT", "HostSlabPool"]
 
@@ -144,6 +147,17 @@ class HostSlabPool:
         self.view = impl.view
         self.address = impl.address
         self._impl = impl
+
+    @classmethod
+    def for_config(cls, config: KVortexConfig, slot_bytes: int, num_slots: int) -> HostSlabPool:
+        """A pool with the NUMA, huge-page and backend settings of ``config``."""
+        return cls(
+            slot_bytes,
+            num_slots,
+            numa_node=config.numa_node,
+            hugepages=config.hugepages,
+            backend=config.backend,
+        )
 
     @property
     def backend(self) -> Literal["native", "python"]:

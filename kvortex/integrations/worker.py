@@ -88,13 +88,7 @@ class WorkerSide:
                 "sized wrongly on one side"
             )
         num_slots = self.config.cpu_bytes // chunk_bytes
-        pool = HostSlabPool(
-            chunk_bytes,
-            num_slots,
-            numa_node=self.config.numa_node,
-            hugepages=self.config.hugepages,
-            backend=self.config.backend,
-        )
+        pool = HostSlabPool.for_config(self.config, chunk_bytes, num_slots)
         # The scheduler side allocates slot ids; here every slot is in use from the start.
         for _ in range(num_slots):
             pool.alloc()
