@@ -57,6 +57,14 @@ def _print_info(report: dict[str, Any]) -> None:
     m = report["machine"]
     print(f"machine: {m['cpu_model']}, {m['cpu_count']} CPUs, NUMA nodes {m['numa_nodes']}")
     print(f"  transparent hugepages: {m['transparent_hugepages'] or 'unknown'}")
+    ext = report["cuda_extension"]
+    if ext["loaded"]:
+        print(
+            f"cuda copy engine: loaded, {ext['devices']} device(s), runtime "
+            f"{ext['runtime_version']}, driver {ext['driver_version'] or 'none'}"
+        )
+    else:
+        print(f"cuda copy engine: not loaded ({ext['reason']})")
     cuda = report["cuda"]
     if not cuda["probed"]:
         print("cuda: not probed (--no-cuda)")

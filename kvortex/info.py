@@ -31,9 +31,25 @@ def collect(config: KVortexConfig | None = None, *, probe_cuda: bool = True) -> 
             c.hot_path: {"active": c.active, "requested": c.requested, "reason": c.reason}
             for c in backend.describe(cfg.backend)
         },
+        "cuda_extension": _cuda_extension(),
         "machine": _machine(),
         "cuda": _cuda() if probe_cuda else {"probed": False},
         "config": cfg.to_dict(),
+    }
+
+
+def _cuda_extension() -> dict[str, Any]:
+    """Whether the CUDA copy engine (``kvortex._cuda``) loaded, and what it sees."""
+    loaded = _loader.cuda()
+    if loaded.module is None:
+        return {"loaded": False, "reason": loaded.reason}
+    module = loaded.module
+    return {
+        "loaded": True,
+        "reason": "",
+        "devices": int(module.device_count()),
+        "runtime_version": int(module.runtime_version()),
+        "driver_version": int(module.driver_version()),
     }
 
 
