@@ -49,4 +49,15 @@ import kvortex, kvortex.backend as b
 assert all(c.active == 'native' for c in b.describe()), b.describe()
 print('fresh venv import ok:', kvortex.__version__)")
 ls "$dist"
+
+step "install without a C++ compiler: the package still installs and runs on the fallbacks"
+nocc=$(mktemp -d)/venv
+"$py" -m venv "$nocc"
+CXX=/nonexistent/c++ CUDACXX=/nonexistent/nvcc "$nocc/bin/python" -m pip install -q .
+(cd "$nocc" && KVORTEX_REQUIRE_NATIVE=0 "$nocc/bin/python" -c "
+import kvortex, kvortex.backend as b
+assert all(c.active == 'python' for c in b.describe()), b.describe()
+assert 'no C++ compiler' in b.native_reason('hashing'), b.native_reason('hashing')
+assert len(kvortex.hash_chunks(list(range(512)))) == 2
+print('no-compiler install ok:', b.native_reason('pool'))")
 step "all checks passed"
