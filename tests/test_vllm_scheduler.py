@@ -1,0 +1,386 @@
+"""KVortexConnector under the real vLLM Scheduler (0.15 and 0.33), with real worker connectors.
+
+vLLM's Scheduler creates the scheduler-role connector from ``kv_connector_module_path``; each
+step's scheduler output goes through a worker-role connector over KV tensors that vLLM itself
+allocated on CPU, driven by vLLM's own model-runner plumbing, and the workers' output comes
+back through ``update_from_output``. After every step the loop checks that each running
+request's computed tokens hold exactly the bytes computed for them (see ``vllm_support``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+try:
+    import vllm  # noqa: F401
+except ImportError as exc:
+    if os.environ.get("KVORTEX_REQUIRE_VLLM") == "1":
+        raise
+    pytest.skip(f"vllm is not installed: {exc}", allow_module_level=True)
+
+import torch
+from vllm.v1.request import RequestStatus
+from vllm_support import (
+    ASYNC,
+    BLOCK,
+    LAYERS,
+    MODERN,
+    RUNNER_MODES,
+    SENTINEL,
+    SYNC,
+    EngineLoop,
+    Worker,
+    build_loop,
+    extra_config,
+    make_request,
+    make_scheduler,
+    make_vllm_config,
+    prompt,
+)
+
+from kvortex.errors import ConfigError, KVortexError
+
+pytestmark = pytest.mark.vllm
+
+WAITING_FOR_KV = RequestStatus.WAITING_FOR_REMOTE_KVS
+
+
+@pytest.fixture
+def loops(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """``loops(extra, num_blocks=..., mode=...)`` builds an EngineLoop, closed at teardown."""
+    made: list[EngineLoop] = []
+
+    def make(extra=None, *, num_blocks=64, mode=None, tp_size=1):  # type: ignore[no-untyped-def]
+        if MODERN and mode == "v1":  # the scheduler shapes its output for the V1 runner
+            monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
+        loop = build_loop(extra, num_blocks=num_blocks, mode=mode, tp_size=tp_size)
+        made.append(loop)
+        return loop
+
+    yield make
+    for loop in made:
+        loop.close()
+
+
+def loads_config(loads: str) -> dict[str, object]:
+    return extra_config(async_load_min_tokens=ASYNC if loads == "async" else SYNC)
+
+
+def new_reqs(so) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    """``{request id: num_computed_tokens}`` of the requests scheduled for the first time."""
+    return {r.req_id: r.num_computed_tokens for r in so.scheduled_new_reqs}
+
+
+def store_prompt(loop: EngineLoop, tokens: list[int], request_id: str = "A") -> None:
+    """Run one request over ``tokens`` to completion, so that its full chunks get stored,
+    then drop every local copy of its KV."""
+    loop.add(request_id, tokens, max_tokens=2)
+    loop.run_until_idle()
+    loop.wipe()
+
+
+def untouched(loop: EngineLoop, blocks: list[int]) -> bool:
+    """True if every byte of ``blocks`` still holds what wipe() wrote, on every worker."""
+    slots = torch.tensor([b * BLOCK + i for b in blocks for i in range(BLOCK)])
+    return all(
+        bool((w.kv.read(name, slots) == SENTINEL).all()) for w in loop.workers for name in LAYERS
+    )
+
+
+# -- hits -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", RUNNER_MODES)
+@pytest.mark.parametrize("loads", ["sync", "async"])
+def test_miss_then_hit_delivers_the_stored_bytes(loops, loads: str, mode: str) -> None:
+    loop = loops(loads_config(loads), mode=mode)
+    p = prompt(72)  # two full chunks and 8 tokens
+    loop.add("A", p, max_tokens=2)
+    so = loop.step()
+    assert new_reqs(so) == {"A": 0}  # a miss
+    assert not so.kv_connector_metadata.plan.loads
+    reference = loop.snapshot("A", 64)
+    loop.run_until_idle()
+    assert len(loop.stored_keys()) == 2
+    loop.wipe()
+
+    loop.add("B", p, max_tokens=2)
+    so = loop.step()
+    if loads == "async":
+        assert new_reqs(so) == {}
+        assert loop.status("B") == WAITING_FOR_KV
+        so = loop.step()
+    assert new_reqs(so) == {"B": 64}
+    assert so.num_scheduled_tokens == {"B": 8}
+    got = loop.snapshot("B", 64)
+    for want_layers, got_layers in zip(reference, got, strict=True):
+        for name in LAYERS:
+            assert torch.equal(got_layers[name], want_layers[name]), name
+    loop.run_until_idle()
+    assert loop.finish_reasons["B"] == "length"
+    assert len(loop.stored_keys()) == 2  # B's chunks were stored already
+    loop.assert_clean()
+
+
+def test_async_load_waits_until_the_workers_report_it(loops) -> None:
+    loop = loops(loads_config("async"))
+    p = prompt(72)
+    store_prompt(loop, p)
+    loop.add("B", p, max_tokens=1)
+    so = loop.step(withhold=True)  # the load ran, but its report is late
+    assert new_reqs(so) == {}
+    assert [ops.request_id for ops in so.kv_connector_metadata.plan.loads] == ["B"]
+    assert so.kv_connector_metadata.async_loads == frozenset({"B"})
+    for _ in range(2):
+        so = loop.step(withhold=True)
+        assert new_reqs(so) == {}
+        assert loop.status("B") == WAITING_FOR_KV
+    loop.step()  # finished_recving delivered: B is promoted by the next schedule()
+    so = loop.step()
+    assert new_reqs(so) == {"B": 64}
+    loop.run_until_idle()
+    assert loop.finish_reasons["B"] == "length"
+    loop.assert_clean()
+
+
+def test_partial_hit_on_a_shared_prefix(loops) -> None:
+    loop = loops()
+    shared = prompt(64)
+    store_prompt(loop, [*shared, *prompt(20, 500)])
+    loop.add("B", [*shared, *prompt(30, 600)], max_tokens=2)  # both chunks shared
+    loop.add("C", [*shared[:40], *prompt(30, 700)], max_tokens=2)  # one chunk and 8 tokens
+    loop.add("D", prompt(70, 800), max_tokens=2)  # nothing shared
+    so = loop.step()
+    assert new_reqs(so) == {"B": 64, "C": 32, "D": 0}
+    loop.run_until_idle()
+    assert all(loop.finish_reasons[r] == "length" for r in "BCD")
+    loop.assert_clean()
+
+
+def test_identical_requests_store_each_chunk_once(loops) -> None:
+    loop = loops()
+    p = prompt(72)
+    for rid in ("A1", "A2", "A3"):
+        loop.add(rid, p, max_tokens=2)
+    loop.step()
+    loop.step()  # all three finish in the same step
+    loop.run_until_idle()
+    [store] = [ops for plan in loop.plans() for ops in plan.stores]
+    assert len(store.chunks) == 2
+    loop.assert_clean()
+    assert loop.side.directory.used == 2
+    loop.wipe()
+    loop.add("B", p, max_tokens=2)
+    assert new_reqs(loop.step()) == {"B": 64}
+    loop.run_until_idle()
+    loop.assert_clean()
+
+
+def test_local_hit_inside_a_chunk_skips_its_pages(loops) -> None:
+    loop = loops()
+    p = prompt(72)
+    store_prompt(loop, p)
+    # C puts p's first block (half of chunk 0) into vLLM's local prefix cache.
+    loop.add("C", [*p[:16], *prompt(4, 900)], max_tokens=1)
+    so = loop.step()
+    c_blocks = list(so.scheduled_new_reqs[0].block_ids[0])
+    loop.run_until_idle()
+
+    loop.add("B", p, max_tokens=2)
+    so = loop.step()
+    assert new_reqs(so) == {"B": 64}  # 16 local + 48 loaded
+    b_blocks = loop.block_ids("B")
+    assert b_blocks[0] == c_blocks[0]  # the local hit
+    chunks = loop.loads_of("B")
+    assert [c.block_ids for c in chunks] == [(-1, b_blocks[1]), tuple(b_blocks[2:4])]
+    # Nothing outside B's and C's blocks was written (a -1 taken as an index would have hit
+    # the last block).
+    others = [b for b in range(1, loop.num_blocks()) if b not in b_blocks + c_blocks]
+    assert untouched(loop, others)
+    loop.run_until_idle()
+    loop.assert_clean()
+
+
+@pytest.mark.parametrize("loads", ["sync", "async"])
+def test_a_hit_never_covers_the_whole_prompt(loops, loads: str) -> None:
+    loop = loops(loads_config(loads))
+    p = prompt(64)  # exactly two chunks
+    store_prompt(loop, p)
+    assert len(loop.stored_keys()) == 2
+    loop.add("B", p, max_tokens=2)
+    so = loop.step()  # vLLM asserts if a sync hit leaves nothing to compute
+    if loads == "async":
+        assert loop.status("B") == WAITING_FOR_KV
+        so = loop.step()
+    computed = new_reqs(so)["B"]
+    assert 32 <= computed < 64
+    if loads == "sync":
+        assert computed == 32
+    loop.run_until_idle()
+    assert loop.finish_reasons["B"] == "length"
+    loop.assert_clean()
+
+
+# -- failures ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loads", ["sync", "async"])
+def test_failed_load_is_recomputed_never_wrong(loops, loads: str) -> None:
+    loop = loops(loads_config(loads))
+    p = prompt(72)
+    store_prompt(loop, p)
+    # The worker restarts: its host tier is empty, the scheduler's directory is not.
+    old = loop.workers[0]
+    old.close()
+    loop.workers[0] = Worker(old.vc, loop.scheduler.kv_cache_config, old.kv.layout, old.mode)
+    loop.add("B", p, max_tokens=2)
+    so = loop.step()
+    if loads == "sync":
+        assert new_reqs(so) == {"B": 64}
+    failed = set(loop.invalid_block_ids)
+    assert failed, "the worker did not report the blocks it could not load"
+    assert failed <= {b for c in loop.loads_of("B") for b in c.block_ids}
+    assert untouched(loop, sorted(failed))  # refused, not half-written
+    steps = 0
+    while "B" in loop.scheduler.requests:
+        loop.step()
+        steps += 1
+        assert steps < 10, "the failed load was retried forever"
+    assert loop.finish_reasons["B"] == "length"
+    loop.run_until_idle()
+    loop.assert_clean()
+    # B recomputed and stored the prefix again: the next request gets it, with the right bytes.
+    loop.wipe()
+    loop.invalid_block_ids.clear()
+    loop.add("C", p, max_tokens=2)
+    loop.step()
+    if loads == "async":
+        loop.step()
+    assert loop.scheduler.requests["C"].num_computed_tokens >= 64
+    assert not loop.invalid_block_ids
+    loop.run_until_idle()
+    loop.assert_clean()
+
+
+# -- request lifecycle ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", RUNNER_MODES)
+def test_preemption_leaks_no_slot_or_pin(loops, mode: str) -> None:
+    loop = loops(num_blocks=9, mode=mode)  # 8 usable blocks
+    shared = prompt(32)
+    store_prompt(loop, [*shared, *prompt(8, 300)])
+    loop.add("P1", [*shared, *prompt(8, 400)], max_tokens=60)
+    loop.add("P2", [*shared, *prompt(8, 500)], max_tokens=60)
+    preempted: set[str] = set()
+    for _ in range(200):
+        if not loop.scheduler.requests:
+            break
+        so = loop.step()
+        preempted |= set(so.preempted_req_ids or ())
+    assert preempted, "the test did not preempt anything"
+    loop.run_until_idle()
+    assert loop.finish_reasons["P1"] == loop.finish_reasons["P2"] == "length"
+    loop.assert_clean()
+    assert loop.side.directory.evictions == 0
+
+
+def test_blocks_are_held_until_the_store_is_reported(loops) -> None:
+    loop = loops()
+    p = prompt(72)
+    loop.add("A", p, max_tokens=1)
+    loop.add("S", prompt(20, 500), max_tokens=1)  # shorter than a chunk: nothing to store
+    loop.step()
+    assert loop.status("A") == RequestStatus.FINISHED_LENGTH_CAPPED  # finished, blocks held
+    assert "S" not in loop.scheduler.requests  # freed at once
+    a_blocks = loop.block_ids("A")
+    free = loop.free_blocks()
+    probe = make_request("probe", p)
+    assert loop.connector.get_num_new_matched_tokens(probe, 0) == (0, False)
+
+    loop.step(withhold=True)  # the workers store A, but their report is late
+    assert [ops.request_id for ops in loop.steps[-1].plan.stores] == ["A"]
+    assert loop.status("A") == RequestStatus.FINISHED_LENGTH_CAPPED
+    assert loop.block_ids("A") == a_blocks
+    assert loop.free_blocks() == free
+    # Not matchable before the workers say the bytes are there.
+    assert loop.connector.get_num_new_matched_tokens(probe, 0) == (0, False)
+
+    loop.step()  # the report arrives
+    assert "A" not in loop.scheduler.requests
+    assert loop.free_blocks() == loop.num_blocks() - 1
+    assert loop.connector.get_num_new_matched_tokens(probe, 0) == (64, False)
+    loop.run_until_idle()
+    loop.assert_clean()
+
+
+def test_abort_of_a_running_request(loops) -> None:
+    loop = loops()
+    p = prompt(72)
+    loop.add("A", p, max_tokens=20)
+    loop.step()
+    loop.step()
+    loop.scheduler.finish_requests(["A"], RequestStatus.FINISHED_ABORTED)
+    loop.run_until_idle()
+    loop.assert_clean()
+    # What A computed before the abort is served to the next request.
+    loop.wipe()
+    loop.add("B", p, max_tokens=2)
+    assert new_reqs(loop.step()) == {"B": 64}
+    loop.run_until_idle()
+    loop.assert_clean()
+
+
+@pytest.mark.parametrize("when", ["in_flight", "reported"])
+def test_abort_during_an_async_load(loops, when: str) -> None:
+    loop = loops(loads_config("async"))
+    p = prompt(72)
+    store_prompt(loop, p)
+    loop.add("B", p, max_tokens=5)
+    if when == "in_flight":
+        so = loop.schedule()  # B gets blocks and its load is planned ...
+        assert loop.status("B") == WAITING_FOR_KV
+        loop.scheduler.finish_requests(["B"], RequestStatus.FINISHED_ABORTED)
+        loop.execute(so)  # ... and the workers run it after the abort
+    else:
+        loop.step()  # the load ran and was reported; B waits for its promotion
+        assert loop.status("B") == WAITING_FOR_KV
+        loop.scheduler.finish_requests(["B"], RequestStatus.FINISHED_ABORTED)
+    loop.run_until_idle()
+    loop.assert_clean(recving_ids_may_linger=not MODERN)
+    # The prefix is still served, with the right bytes.
+    loop.wipe()
+    loop.add("C", p, max_tokens=2)
+    loop.step()
+    loop.step()
+    assert loop.scheduler.requests["C"].num_computed_tokens >= 64
+    loop.run_until_idle()
+    loop.assert_clean(recving_ids_may_linger=not MODERN)
+
+
+# -- configuration ----------------------------------------------------------------------------
+
+
+def test_unknown_key_fails_at_scheduler_construction() -> None:
+    vc = make_vllm_config(extra_config(no_such_key=1))
+    with pytest.raises(ConfigError, match="no_such_key"):
+        make_scheduler(vc)
+
+
+def test_chunk_not_a_multiple_of_the_block_fails_at_construction() -> None:
+    vc = make_vllm_config(extra_config(chunk_tokens=24))
+    with pytest.raises(KVortexError, match="chunk_tokens"):
+        make_scheduler(vc)
+
+
+def test_layout_and_delivery_flags(loops) -> None:
+    loop = loops()
+    connector = loop.connector
+    vc = loop.scheduler.vllm_config
+    assert type(connector).get_required_kvcache_layout(vc) == ("BLNHC" if MODERN else None)
+    if MODERN:
+        # The engine core resolved the layout the connector asked for.
+        assert vc.cache_config.kv_cache_layout == "BLNHC"
+        assert connector.requires_kv_delivery is False
