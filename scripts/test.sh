@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The one test command (README, and .ci/run calls it): installs everything the tests need into
-# a private virtual environment, then runs lint, types, the suite over every backend, the
-# pure-Python pass, and the wheel/sdist build with a fresh-venv import.
+# private virtual environments, then runs lint, types, the suite over every backend, the
+# pure-Python pass, the wheel/sdist build with a fresh-venv import, an install without a
+# compiler, and the vLLM connector tests against vLLM 0.15.1 and 0.33.0 (scripts/test-vllm.sh;
+# KVORTEX_VLLM_VERSIONS overrides the list, e.g. "" to skip them while iterating locally).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -60,4 +62,8 @@ assert all(c.active == 'python' for c in b.describe()), b.describe()
 assert 'no C++ compiler' in b.native_reason('hashing'), b.native_reason('hashing')
 assert len(kvortex.hash_chunks(list(range(512)))) == 2
 print('no-compiler install ok:', b.native_reason('pool'))")
+step "vLLM connector against the real vLLM, each line in its own venv"
+for version in ${KVORTEX_VLLM_VERSIONS:-0.15.1 0.33.0}; do
+  bash scripts/test-vllm.sh "$version"
+done
 step "all checks passed"
