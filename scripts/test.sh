@@ -63,7 +63,7 @@ assert 'no C++ compiler' in b.native_reason('hashing'), b.native_reason('hashing
 assert len(kvortex.hash_chunks(list(range(512)))) == 2
 print('no-compiler install ok:', b.native_reason('pool'))")
 step "vLLM connector against the real vLLM, each line in its own venv"
-for version in ${KVORTEX_VLLM_VERSIONS:-0.15.1 0.33.0}; do
+for version in ${KVORTEX_VLLM_VERSIONS-0.15.1 0.33.0}; do
   bash scripts/test-vllm.sh "$version"
 done
 step "all checks passed"
