@@ -11,6 +11,8 @@ built by hand.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -50,11 +52,16 @@ PLANES = {
 }
 
 
+Loops = Callable[..., EngineLoop]
+
+
 @pytest.fixture
-def loops():  # type: ignore[no-untyped-def]
+def loops() -> Iterator[Loops]:
+    """``loops(layout=..., tp_size=...)``: an EngineLoop whose workers are stepped through the
+    hooks one by one; closed at teardown."""
     made: list[EngineLoop] = []
 
-    def make(**kwargs):  # type: ignore[no-untyped-def]
+    def make(**kwargs: Any) -> EngineLoop:
         loop = build_loop(mode="manual", **kwargs)
         made.append(loop)
         return loop
@@ -80,7 +87,7 @@ def stored_prompt(loop: EngineLoop, tokens: list[int]) -> list[dict[str, torch.T
 
 
 @pytest.mark.parametrize("layout", WORKER_LAYOUTS)
-def test_store_wipe_load_gives_identical_bytes(loops, layout: str) -> None:
+def test_store_wipe_load_gives_identical_bytes(loops: Loops, layout: str) -> None:
     loop = loops(layout=layout)
     worker = loop.workers[0]
     assert worker.connector.worker_side.layout.num_planes == PLANES[layout]
@@ -104,7 +111,7 @@ def test_store_wipe_load_gives_identical_bytes(loops, layout: str) -> None:
     loop.assert_clean()
 
 
-def test_every_layout_was_allocated_by_vllm(loops) -> None:
+def test_every_layout_was_allocated_by_vllm(loops: Loops) -> None:
     """The layouts really differ in shape and strides (vLLM's allocator, not ours)."""
     seen = set()
     for layout in WORKER_LAYOUTS:
@@ -114,7 +121,7 @@ def test_every_layout_was_allocated_by_vllm(loops) -> None:
 
 
 @pytest.mark.parametrize("layout", WORKER_LAYOUTS)
-def test_a_slot_the_worker_never_stored_is_a_load_error(loops, layout: str) -> None:
+def test_a_slot_the_worker_never_stored_is_a_load_error(loops: Loops, layout: str) -> None:
     loop = loops(layout=layout)
     p = prompt(72)
     reference = stored_prompt(loop, p)[0]
@@ -151,7 +158,7 @@ def test_a_slot_the_worker_never_stored_is_a_load_error(loops, layout: str) -> N
         assert bool((worker.kv.read(name, slots_of([last])) == SENTINEL).all())
 
 
-def test_two_tensor_parallel_ranks_keep_their_own_shards(loops) -> None:
+def test_two_tensor_parallel_ranks_keep_their_own_shards(loops: Loops) -> None:
     loop = loops(tp_size=2)
     ranks = loop.workers
     assert [w.connector.worker_side.rank for w in ranks] == [0, 1]
@@ -173,7 +180,7 @@ def test_two_tensor_parallel_ranks_keep_their_own_shards(loops) -> None:
     loop.assert_clean()
 
 
-def test_required_layout(loops) -> None:
+def test_required_layout(loops: Loops) -> None:
     loop = loops()
     cls = type(loop.workers[0].connector)
     assert cls.get_required_kvcache_layout(loop.scheduler.vllm_config) == (
