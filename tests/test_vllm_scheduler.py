@@ -354,6 +354,11 @@ def test_abort_during_an_async_load(loops: Loops, when: str) -> None:
         so = loop.schedule()  # B gets blocks and its load is planned ...
         assert loop.status("B") == WAITING_FOR_KV
         loop.scheduler.finish_requests(["B"], RequestStatus.FINISHED_ABORTED)
+        # The blocks stay B's until the load is reported: nobody else may get them while a
+        # worker may still be writing into them (0.33 holds them itself; on 0.15 the
+        # connector's request_finished must ask for it).
+        assert loop.status("B") == RequestStatus.FINISHED_ABORTED
+        assert len(loop.block_ids("B")) == 4
         loop.execute(so)  # ... and the workers run it after the abort
     else:
         loop.step()  # the load ran and was reported; B waits for its promotion

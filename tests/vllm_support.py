@@ -598,7 +598,7 @@ class StepRecord:
     plan: TransferPlan
 
 
-@dataclass
+@dataclass(repr=False)
 class EngineLoop:
     """vLLM's engine-core step loop in one process: scheduler, workers, aggregation."""
 
