@@ -142,3 +142,19 @@ def test_config_and_layout_mismatch() -> None:
     )
     with pytest.raises(LayoutError, match="12345"):
         worker.register(kv)
+
+
+def test_recomputed_chunks_are_stored_again_after_a_failed_load() -> None:
+    sched, worker, _ = setup()
+    tokens = list(range(64))
+    sched.finished("a", tokens, 64, [0, 1, 2, 3])
+    run_step(sched, worker)
+    worker._slot_keys.clear()  # the worker lost its host copy
+    prompt = [*tokens, 1]
+    external, _ = sched.matched_tokens("b", prompt, 65, 0)
+    sched.after_alloc("b", [8, 9, 10, 11, 12], external)
+    run_step(sched, worker)
+    assert sched.finished("b", prompt, 65, [8, 9, 10, 11, 12]) is True  # recomputed: store
+    sending, _, _ = run_step(sched, worker)
+    assert sending == {"b"}
+    assert sched.matched_tokens("c", [*tokens, 2], 65, 0) == (64, False)

@@ -200,8 +200,10 @@ class SchedulerSide:
             return False  # the engine keeps the blocks until the load is reported
         full = min(num_computed, len(tokens), len(block_ids) * self.block_size) // self.chunk
         keys = req.namespace.chunk_keys(list(tokens[: full * self.chunk]), self.chunk)
-        reservation = self.directory.reserve_store(keys)
+        # Unpin first: a chunk whose load failed is dropped at its last unpin, and the store
+        # below then replaces it with the recomputed KV (reserve_store protects the chain).
         self._unpin(req)
+        reservation = self.directory.reserve_store(keys)
         if not reservation.chunks:
             del self._requests[request_id]
             return False
