@@ -35,7 +35,8 @@ python -m pip install -q --no-deps --force-reinstall .
 python -m pip check
 
 step "versions"
-python - "$version" <<'EOF'
+# From a temporary directory: the installed package, not the source tree, must be imported.
+(cd "$(mktemp -d)" && python - "$version") <<'EOF'
 import sys
 
 import kvortex
