@@ -198,18 +198,24 @@ class KVortexEngine:
         if not r.chunks:
             handle._finish()
             return handle
-        bpc = chunk // self._block_size()
-        job_ids = [b for i, _, _ in r.chunks for b in ids[i * bpc : (i + 1) * bpc]]
-        self._submit(
-            _Job(
-                True,
-                [k for _, k, _ in r.chunks],
-                [s for _, _, s in r.chunks],
-                job_ids,
-                handle,
-                self._after(),
+        reserved = [k for _, k, _ in r.chunks]
+        try:
+            bpc = chunk // self._block_size()
+            job_ids = [b for i, _, _ in r.chunks for b in ids[i * bpc : (i + 1) * bpc]]
+            self._submit(
+                _Job(
+                    True,
+                    reserved,
+                    [s for _, _, s in r.chunks],
+                    job_ids,
+                    handle,
+                    self._after(),
+                )
             )
-        )
+        except BaseException:
+            with self._lock:  # a reservation that will never be copied must not linger
+                directory.commit_store(reserved, ok=False)
+            raise
         return handle
 
     def retrieve(self, tokens: Sequence[int] | Any, block_ids: Sequence[int]) -> RetrieveHandle:

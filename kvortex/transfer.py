@@ -328,7 +328,7 @@ class Mover:
             event.record(stream)
         handle = TransferHandle(direction, len(slots), nbytes, event, keepalive)
         with self._lock:
-            self._inflight = [h for h in self._inflight if not h.done()]
+            self._inflight = [h for h in self._inflight if not _settled(h)]
             self._inflight.append(handle)
         return handle
 
@@ -415,6 +415,14 @@ class Mover:
         self.close()
         if self._cuda is not None:
             _unregister_pool(self._cuda, self.pool)
+
+
+def _settled(handle: TransferHandle) -> bool:
+    """Done, or failed (its owner learns of the failure from its own handle)."""
+    try:
+        return handle.done()
+    except TransferError:
+        return True
 
 
 def _as_index_array(values: Any, name: str) -> np.ndarray:

@@ -399,3 +399,27 @@ def test_layout_and_delivery_flags(loops: Loops) -> None:
         # The engine core resolved the layout the connector asked for.
         assert vc.cache_config.kv_cache_layout == "BLNHC"
         assert connector.requires_kv_delivery is False
+
+
+def test_lora_and_multimodal_requests_are_neither_loaded_nor_stored(loops: Loops) -> None:
+    """Token ids do not determine their KV: storing it would hand it to other requests."""
+    from types import SimpleNamespace
+
+    loop = loops(loads_config("sync"))
+    p = prompt(72)
+    loop.add("A", p, max_tokens=2)
+    loop.run_until_idle()
+    assert loop.side.directory.used == 2
+    for attr, value in (
+        ("lora_request", SimpleNamespace(lora_name="adapter")),
+        ("mm_features", [object()]),
+    ):
+        req = make_request(f"X-{attr}", p, 2)
+        setattr(req, attr, value)
+        assert loop.connector.get_num_new_matched_tokens(req, 0) == (0, False)
+        other = make_request(f"Y-{attr}", prompt(72, start=300), 2)
+        setattr(other, attr, value)
+        other.num_computed_tokens = 72
+        assert loop.connector.request_finished(other, list(range(5))) == (False, None)
+    assert loop.side.directory.used == 2
+    assert loop.side.pinned_count() == 0

@@ -220,11 +220,16 @@ class SchedulerSide:
 
     def step(self, preempted: Iterable[str] = ()) -> StepOutput:
         """This step's plan and flags for the workers; starts the next step."""
+        preempted = frozenset(preempted)
+        for rid in preempted:  # the engine took their blocks back: they may go to others
+            req = self._requests.get(rid)
+            if req is not None:
+                req.loaded_blocks.clear()
         plan = self.directory.plan()
         out = StepOutput(
             plan,
             frozenset(self._async),
-            frozenset(preempted),
+            preempted,
             frozenset(self._release_after_load),
         )
         self._async.clear()

@@ -103,12 +103,11 @@ class KVortexConnector(KVConnectorBase_V1):  # type: ignore[misc]
         self, request: Any, num_computed_tokens: int
     ) -> tuple[int, bool]:
         side = self._scheduler()
-        prompt = getattr(request, "prompt_token_ids", None)
-        if prompt is None or getattr(request, "lora_request", None) or _has_mm(request):
-            return 0, False  # KV that tokens alone do not determine: not cached by KVortex
+        if not _cacheable(request):
+            return 0, False
         return side.matched_tokens(
             request.request_id,
-            prompt,
+            request.prompt_token_ids,
             int(request.num_tokens),
             int(num_computed_tokens),
             salt=getattr(request, "cache_salt", None),
@@ -134,7 +133,7 @@ class KVortexConnector(KVConnectorBase_V1):  # type: ignore[misc]
         self, request: Any, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
         side = self._scheduler()
-        if getattr(request, "prompt_token_ids", None) is None:
+        if not _cacheable(request):
             return False, None
         delay = side.finished(
             request.request_id,
@@ -206,8 +205,15 @@ class KVortexConnector(KVConnectorBase_V1):  # type: ignore[misc]
         return self.worker_side
 
 
-def _has_mm(request: Any) -> bool:
-    return bool(getattr(request, "mm_features", None) or getattr(request, "mm_positions", None))
+def _cacheable(request: Any) -> bool:
+    """Whether token ids alone determine the request's KV (no LoRA adapter, no multimodal
+    input, no prompt embeddings): only then may KVortex load or store it."""
+    return not (
+        getattr(request, "prompt_token_ids", None) is None
+        or getattr(request, "lora_request", None)
+        or getattr(request, "mm_features", None)
+        or getattr(request, "mm_positions", None)
+    )
 
 
 def _chunk_bytes(kv_cache_config: Any, blocks_per_chunk: int) -> int | None:
