@@ -36,7 +36,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _info(args: argparse.Namespace) -> int:
     from kvortex.info import collect
 
-    config = KVortexConfig.from_yaml(args.config) if args.config else KVortexConfig.from_env()
+    # `is not None`: an empty --config "" is an error to report, not "no file".
+    if args.config is not None:
+        config = KVortexConfig.from_yaml(args.config)
+    else:
+        config = KVortexConfig.from_env()
     report = collect(config, probe_cuda=not args.no_cuda)
     if args.json:
         json.dump(report, sys.stdout, indent=2, sort_keys=False)
@@ -72,9 +76,16 @@ def _print_info(report: dict[str, Any]) -> None:
         print(f"cuda: usable, torch {cuda['torch']}, devices {cuda['devices']}")
     else:
         print(f"cuda: unusable ({cuda['reason']})")
+    switches = report["process_switches"]
+    if switches:
+        print("process switches: " + ", ".join(f"{k}={v}" for k, v in switches.items()))
     print("config:")
     for key, value in report["config"].items():
-        print(f"  {key} = {value!r}")
+        note = ""
+        if key == "backend" and value is None:  # inherit: say what it resolved to
+            default = next(iter(report["hot_paths"].values()))["requested"]
+            note = f"  (inherit: process default {default!r})"
+        print(f"  {key} = {value!r}{note}")
 
 
 if __name__ == "__main__":

@@ -9,13 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from kvortex import _loader, backend
-from kvortex.config import KVortexConfig
+from kvortex.config import PROCESS_SWITCHES, KVortexConfig
 
 __all__ = ["collect"]
 
 
 def collect(config: KVortexConfig | None = None, *, probe_cuda: bool = True) -> dict[str, Any]:
-    """A JSON-ready report: version, hot paths, machine, CUDA and the effective config."""
+    """A JSON-ready report: version, hot paths, machine, CUDA, the process switches set and the
+    effective config."""
     from kvortex import __version__
 
     cfg = config if config is not None else KVortexConfig.from_env()
@@ -34,6 +35,7 @@ def collect(config: KVortexConfig | None = None, *, probe_cuda: bool = True) -> 
         "cuda_extension": _cuda_extension(),
         "machine": _machine(),
         "cuda": _cuda() if probe_cuda else {"probed": False},
+        "process_switches": {k: v for k, v in os.environ.items() if k in PROCESS_SWITCHES},
         "config": cfg.to_dict(),
     }
 
