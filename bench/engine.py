@@ -2,9 +2,11 @@
 
 An 8B-shaped KV cache (32 layers, 8 KV heads, head 128, bf16, 16-token blocks: 128 KiB per
 token), an 8K-token prompt, 256-token chunks. Each store uses a fresh prompt (a stored prompt
-costs nothing to store again) in a host tier of a few prompts, so later stores also evict. The
-baseline is the Mover alone moving the same chunks (no hashing, no Directory, no mover thread):
-the ratio says what the engine's bookkeeping costs.
+costs nothing to store again) in a host tier of a few prompts, so later stores also evict. Two
+baselines: the Mover alone moving the same chunks (no hashing, no Directory, no mover thread:
+the ratio says what the engine's bookkeeping costs), and one pinned memcpy of the same bytes
+(the link's ceiling: the ratio says how close the public API comes to it). The engine is timed
+through its public API from a Python list of token ids, block ids validated, hashing included.
 
     python bench/engine.py [--device cuda|cpu] [--layouts lbnhc,blnhc,fa_nhd] [--quick] [--json]
 """
@@ -82,10 +84,13 @@ def run_layout(
     mover.close()
     pool.close()
     engine.close()
+    memcpy_store, memcpy_load = _memcpy(nbytes_prompt, device, repeat)
     gb = nbytes_prompt / 1e9
     for impl, direction, samples in (
+        ("memcpy", "store", memcpy_store),
         ("mover", "store", raw_store),
         ("engine", "store", store_s),
+        ("memcpy", "load", memcpy_load),
         ("mover", "load", raw_load),
         ("engine", "retrieve", load_s),
     ):
@@ -93,7 +98,21 @@ def run_layout(
         rows.append(Row(f"{name} {direction}", impl, st, {"GB/s": gb / st.median}))
     ratios[f"{name} engine/mover store"] = Stats.of(raw_store).median / Stats.of(store_s).median
     ratios[f"{name} engine/mover load"] = Stats.of(raw_load).median / Stats.of(load_s).median
+    ratios[f"{name} engine/memcpy store"] = Stats.of(memcpy_store).median / Stats.of(store_s).median
+    ratios[f"{name} engine/memcpy load"] = Stats.of(memcpy_load).median / Stats.of(load_s).median
     return rows, ratios
+
+
+def _memcpy(nbytes: int, device: str, repeat: int) -> tuple[list[float], list[float]]:
+    """One contiguous copy of ``nbytes`` each way between device memory and pinned host memory
+    (on CPU: two host buffers): the ceiling for the same bytes."""
+    pinned = device.startswith("cuda")
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dev.fill_(7)
+    to_host = [timed(lambda: host.copy_(dev, non_blocking=True), device) for _ in range(repeat + 1)]
+    to_dev = [timed(lambda: dev.copy_(host, non_blocking=True), device) for _ in range(repeat + 1)]
+    return to_host[1:], to_dev[1:]
 
 
 def main() -> None:

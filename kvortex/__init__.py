@@ -13,6 +13,7 @@ from kvortex.engine import KVortexEngine
 from kvortex.errors import (
     BackendUnavailable,
     ConfigError,
+    EngineClosedError,
     InvalidArgumentError,
     InvalidTypeError,
     KVortexError,
@@ -23,6 +24,7 @@ from kvortex.errors import (
     QueueTimeout,
     SlotError,
     TransferError,
+    TransferTimeout,
 )
 from kvortex.hashing import hash_chunks
 from kvortex.memory import HostSlabPool
@@ -33,6 +35,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailable",
     "ConfigError",
+    "EngineClosedError",
     "HostSlabPool",
     "InvalidArgumentError",
     "InvalidTypeError",
@@ -47,6 +50,7 @@ __all__ = [
     "SPSCQueue",
     "SlotError",
     "TransferError",
+    "TransferTimeout",
     "__version__",
     "hash_chunks",
 ]

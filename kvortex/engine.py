@@ -7,12 +7,15 @@ retrieve return handles at once.
 
 Thread safety: every public method may be called from any thread. Directory bookkeeping runs
 under one lock; copies run on the mover thread.
+
+Input is checked at the call, before anything is reserved, evicted or queued: a bad token
+list or block id raises a typed error and leaves the stored state as it was. ``close()`` is
+final: every later call raises :class:`EngineClosedError`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import threading
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -20,17 +23,21 @@ from typing import TYPE_CHECKING, Any
 from kvortex.config import KVortexConfig
 from kvortex.directory import Directory
 from kvortex.errors import (
+    EngineClosedError,
     InvalidArgumentError,
     KVortexError,
     NotRegisteredError,
     QueueClosed,
     TransferError,
+    TransferTimeout,
 )
+from kvortex.hashing import hash_chunks
 from kvortex.keys import Namespace
 from kvortex.layout import PagedLayout
 from kvortex.memory import HostSlabPool
 from kvortex.queue import SPSCQueue
-from kvortex.transfer import Mover
+from kvortex.stats import ActivityLog
+from kvortex.transfer import Mover, resolve_path
 
 if TYPE_CHECKING:
     import torch
@@ -52,9 +59,11 @@ class _Handle:
         return self._event.is_set()
 
     def wait(self, timeout: float | None = None) -> None:
-        """Block until done; raise :class:`TransferError` if the copy failed."""
+        """Block until done; raise :class:`TransferError` if the copy failed and
+        :class:`TransferTimeout` (also a ``TimeoutError``) if ``timeout`` seconds passed
+        first (the copy goes on; wait again)."""
         if not self._event.wait(timeout):
-            raise TimeoutError(f"transfer not finished after {timeout} s")
+            raise TransferTimeout(f"transfer not finished after {timeout} s")
         if self._error is not None:
             raise TransferError(f"transfer failed: {self._error}") from self._error
 
@@ -127,8 +136,10 @@ class KVortexEngine:
         self.config = (
             config if isinstance(config, KVortexConfig) else KVortexConfig.from_dict(config)
         )
+        if not isinstance(model, str) or not model.strip():
+            raise InvalidArgumentError(f"model must be a non-empty string, got {model!r}")
         self.model = model
-        self._transfer_path = transfer_path
+        self._transfer_path = resolve_path(transfer_path, self.config.backend)
         self._lock = threading.Lock()
         self._submit_lock = threading.Lock()  # the queue has one producer: whoever holds this
         self._closed = False
@@ -139,56 +150,97 @@ class KVortexEngine:
         self.mover: Mover | None = None
         self._queue: SPSCQueue[_Job | None] | None = None
         self._thread: threading.Thread | None = None
+        self._activity = ActivityLog(self.config.log_interval_s)
+        self._evictions_seen = 0
 
     # -- set-up -------------------------------------------------------------------------------
 
     def register_kv_caches(self, kv_caches: Mapping[str, torch.Tensor], block_size: int) -> None:
-        """Adopt the engine's KV tensors (layer name -> tensor, in layer order) once."""
-        if self.layout is not None:
-            raise InvalidArgumentError("register_kv_caches was already called on this engine")
-        chunk = self.config.chunk_tokens
-        layout = PagedLayout.from_kv_caches(kv_caches, block_size)
-        if chunk % block_size:
-            raise InvalidArgumentError(
-                f"chunk_tokens={chunk} is not a multiple of the engine's block size {block_size}"
-            )
-        bpc = chunk // block_size
-        chunk_bytes = layout.chunk_bytes(bpc)
-        num_slots = self.config.cpu_bytes // chunk_bytes
-        if num_slots < 1:
-            raise InvalidArgumentError(
-                f"cpu_bytes={self.config.cpu_bytes} cannot hold one chunk of {chunk_bytes} bytes"
-            )
-        pool = HostSlabPool.for_config(self.config, chunk_bytes, num_slots)
-        self.mover = Mover(layout, pool, bpc, path=self._transfer_path)
-        self.directory = Directory(num_slots, eviction=self.config.eviction, allocator=pool)
-        self.namespace = Namespace(
-            self.model, layout.fingerprint, layout.dtype, tenant_salt=self.config.tenant_salt
+        """Adopt the engine's KV tensors (layer name -> tensor, in layer order) once.
+
+        Everything is checked before anything is built; a failed call leaves the engine
+        unregistered (and holding nothing), ready for a corrected call.
+        """
+        with self._submit_lock:
+            self._check_open()
+            if self.layout is not None:
+                raise InvalidArgumentError("register_kv_caches was already called on this engine")
+            if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+                raise InvalidArgumentError(f"block_size must be a positive int, got {block_size!r}")
+            chunk = self.config.chunk_tokens
+            if chunk % block_size:
+                raise InvalidArgumentError(
+                    f"chunk_tokens={chunk} is not a multiple of the engine's block size "
+                    f"{block_size}"
+                )
+            layout = PagedLayout.from_kv_caches(kv_caches, block_size)
+            bpc = chunk // block_size
+            chunk_bytes = layout.chunk_bytes(bpc)
+            num_slots = self.config.cpu_bytes // chunk_bytes
+            if num_slots < 1:
+                raise InvalidArgumentError(
+                    f"cpu_bytes={self.config.cpu_bytes} cannot hold one chunk of {chunk_bytes} "
+                    f"bytes ({layout.kind}, {chunk} tokens)"
+                )
+            Mover.check_path(layout, self._transfer_path)
+            self._build(layout, bpc, chunk_bytes, num_slots)
+        log.info(
+            "kvortex: %s, %d host slots of %d bytes, %s copies",
+            layout.kind,
+            num_slots,
+            chunk_bytes,
+            self.mover.path if self.mover is not None else "?",
         )
-        self.pool = pool
-        self.layout = layout
-        self._queue = SPSCQueue(1024, backend=self.config.backend)
-        self._thread = threading.Thread(target=self._run, name="kvortex-mover", daemon=True)
-        self._thread.start()
-        log.info("kvortex: %s, %d host slots of %d bytes", layout.kind, num_slots, chunk_bytes)
+
+    def _build(self, layout: PagedLayout, bpc: int, chunk_bytes: int, num_slots: int) -> None:
+        """Build pool, mover, queue and thread; on any failure release what was built."""
+        pool = mover = None
+        try:
+            pool = HostSlabPool.for_config(self.config, chunk_bytes, num_slots)
+            mover = Mover(layout, pool, bpc, path=self._transfer_path)
+            queue: SPSCQueue[_Job | None] = SPSCQueue(1024, backend=self.config.backend)
+            directory = Directory(num_slots, eviction=self.config.eviction, allocator=pool)
+            namespace = Namespace(
+                self.model, layout.fingerprint, layout.dtype, tenant_salt=self.config.tenant_salt
+            )
+            thread = threading.Thread(target=self._run, name="kvortex-mover", daemon=True)
+        except BaseException:
+            if mover is not None:
+                mover.close()
+            if pool is not None:
+                pool.close()
+            raise
+        self.pool, self.mover, self._queue = pool, mover, queue
+        self.directory, self.namespace, self.layout = directory, namespace, layout
+        self._thread = thread
+        thread.start()
 
     # -- the three operations -----------------------------------------------------------------
 
     def lookup(self, tokens: Sequence[int] | Any) -> int:
         """Tokens of ``tokens`` that :meth:`retrieve` can load now (a multiple of the chunk
         size). Before registration nothing is stored: 0."""
+        self._check_open()
         if self.directory is None or self.namespace is None:
+            hash_chunks(tokens, self.config.chunk_tokens, backend=self.config.backend)  # checks
             return 0
         keys = self._keys(tokens)
         with self._lock:
-            return self.directory.match(keys) * self.config.chunk_tokens
+            hit = self.directory.match(keys) * self.config.chunk_tokens
+            self._activity.lookup(len(keys) * self.config.chunk_tokens, hit)
+            self._tick()
+        return hit
 
-    def store(self, tokens: Sequence[int] | Any, block_ids: Sequence[int]) -> StoreHandle:
-        """Copy the KV of ``tokens``'s full chunks out of ``block_ids`` (the blocks holding
-        the tokens, in order). Chunks already stored cost no copy."""
+    def store(self, tokens: Sequence[int] | Any, block_ids: Sequence[int] | Any) -> StoreHandle:
+        """Copy the KV of ``tokens``'s full chunks out of ``block_ids``.
+
+        ``block_ids``: the engine blocks holding the tokens, in order, exactly
+        ``ceil(len(tokens) / block_size)`` of them, each in ``[0, num_blocks)``. Chunks already
+        stored cost no copy; the trailing partial chunk is not stored.
+        """
         directory = self._registered()
         keys = self._keys(tokens)
-        ids = self._block_ids(tokens, block_ids)
+        ids = self._block_ids(tokens, block_ids, unique=False)
         chunk = self.config.chunk_tokens
         with self._lock:
             r = directory.reserve_store(keys)
@@ -218,12 +270,15 @@ class KVortexEngine:
             raise
         return handle
 
-    def retrieve(self, tokens: Sequence[int] | Any, block_ids: Sequence[int]) -> RetrieveHandle:
+    def retrieve(
+        self, tokens: Sequence[int] | Any, block_ids: Sequence[int] | Any
+    ) -> RetrieveHandle:
         """Load the longest stored prefix of ``tokens`` into ``block_ids`` (the blocks that
-        will hold the tokens, in order). ``handle.tokens`` says how many tokens it loads."""
+        will hold the tokens, in order; as many as :meth:`store` takes, all different).
+        ``handle.tokens`` says how many tokens it loads."""
         directory = self._registered()
         keys = self._keys(tokens)
-        ids = self._block_ids(tokens, block_ids)
+        ids = self._block_ids(tokens, block_ids, unique=True)
         with self._lock:
             n = directory.match(keys)
             slots = directory.pin_for_load(keys[:n])
@@ -232,13 +287,20 @@ class KVortexEngine:
             handle._finish()
             return handle
         bpc = self.config.chunk_tokens // self._block_size()
-        self._submit(_Job(False, keys[:n], slots, ids[: n * bpc], handle, self._after()))
+        try:
+            self._submit(_Job(False, keys[:n], slots, ids[: n * bpc], handle, self._after()))
+        except BaseException:
+            with self._lock:
+                directory.unpin(keys[:n])
+            raise
         return handle
 
     # -- shutdown -----------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Finish queued transfers, stop the mover thread and free the host pool. Idempotent."""
+        """Finish queued transfers, stop the mover thread and free the host pool.
+
+        Final and idempotent: afterwards every call raises :class:`EngineClosedError`."""
         with self._submit_lock:
             if self._closed:
                 return
@@ -260,9 +322,12 @@ class KVortexEngine:
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _registered(self) -> Directory:
+    def _check_open(self) -> None:
         if self._closed:
-            raise NotRegisteredError("this engine is closed")
+            raise EngineClosedError("this engine is closed; create a new KVortexEngine")
+
+    def _registered(self) -> Directory:
+        self._check_open()
         if self.directory is None:
             raise NotRegisteredError("call register_kv_caches before store or retrieve")
         return self.directory
@@ -277,15 +342,27 @@ class KVortexEngine:
             tokens, self.config.chunk_tokens, backend=self.config.backend
         )
 
-    def _block_ids(self, tokens: Sequence[int] | Any, block_ids: Sequence[int]) -> list[int]:
-        needed = math.ceil(len(tokens) / self._block_size())
-        ids = [int(b) for b in block_ids]
-        if len(ids) < needed:
+    def _block_ids(
+        self, tokens: Sequence[int] | Any, block_ids: Sequence[int] | Any, *, unique: bool
+    ) -> list[int]:
+        """``block_ids`` checked: real blocks, exactly as many as the tokens fill."""
+        assert self.layout is not None
+        ids = self.layout.block_id_array(block_ids, unique=unique)
+        needed = -(-len(tokens) // self._block_size())
+        if len(ids) != needed:
             raise InvalidArgumentError(
-                f"{len(tokens)} tokens need {needed} blocks of {self._block_size()} tokens, "
+                f"{len(tokens)} tokens fill {needed} blocks of {self._block_size()} tokens; "
                 f"got {len(ids)} block ids"
             )
-        return ids
+        return ids.tolist()  # type: ignore[no-any-return]
+
+    def _tick(self) -> None:
+        """Count new evictions and log the interval's line when it is due (under _lock)."""
+        assert self.directory is not None
+        evictions = self.directory.evictions
+        self._activity.evicted(evictions - self._evictions_seen)
+        self._evictions_seen = evictions
+        self._activity.tick()
 
     def _after(self) -> Any:
         """An event on the caller's current CUDA stream, so copies follow its queued work."""
@@ -302,8 +379,8 @@ class KVortexEngine:
         assert self._queue is not None
         with self._submit_lock:
             if self._closed:
-                self._abandon(job, NotRegisteredError("this engine is closed"))
-                raise NotRegisteredError("this engine is closed")
+                self._abandon(job, EngineClosedError("this engine is closed"))
+                raise EngineClosedError("this engine is closed; create a new KVortexEngine")
             self._queue.put(job)
 
     def _run(self) -> None:
@@ -334,12 +411,16 @@ class KVortexEngine:
             self._complete(job, None)
 
     def _complete(self, job: _Job, error: BaseException | None) -> None:
-        assert self.directory is not None
+        assert self.directory is not None and self.mover is not None
         with self._lock:
             if job.to_host:
                 self.directory.commit_store(job.keys, ok=error is None)
             else:
                 self.directory.unpin(job.keys)
+            if error is None:
+                nbytes = len(job.slots) * self.mover.chunk_bytes
+                self._activity.moved(**{"stored" if job.to_host else "loaded": nbytes})
+            self._tick()
         job.handle._finish(error)
 
     def _abandon(self, job: _Job, error: BaseException) -> None:

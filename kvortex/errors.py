@@ -11,6 +11,7 @@ from __future__ import annotations
 __all__ = [
     "BackendUnavailable",
     "ConfigError",
+    "EngineClosedError",
     "InvalidArgumentError",
     "InvalidTypeError",
     "KVortexError",
@@ -21,6 +22,7 @@ __all__ = [
     "QueueTimeout",
     "SlotError",
     "TransferError",
+    "TransferTimeout",
 ]
 
 
@@ -78,3 +80,12 @@ class TransferError(KVortexError, RuntimeError):
 
 class NotRegisteredError(KVortexError, RuntimeError):
     """The engine has no KV cache yet: call ``register_kv_caches`` first."""
+
+
+class EngineClosedError(KVortexError, RuntimeError):
+    """The engine (or connector side) was closed; ``close()`` is final, nothing restarts."""
+
+
+class TransferTimeout(KVortexError, TimeoutError):
+    """A transfer handle's ``wait(timeout)`` ran out before the copy finished; the copy goes
+    on and the handle can be waited on again."""

@@ -34,12 +34,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from kvortex.errors import InvalidTypeError, LayoutError
+import numpy as np
+
+from kvortex.errors import InvalidArgumentError, InvalidTypeError, LayoutError
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["LayoutError", "PagedLayout", "Plane"]
+__all__ = ["LayoutError", "PagedLayout", "Plane", "block_id_array"]
 
 _FORMAT_VERSION = 1
 
@@ -103,6 +105,12 @@ class PagedLayout:
     def host_offset(self, plane: int, block_in_chunk: int, blocks_per_chunk: int) -> int:
         """Byte offset of a page inside a host chunk (plane-major order)."""
         return (plane * blocks_per_chunk + block_in_chunk) * self.page_bytes
+
+    def block_id_array(
+        self, values: object, *, name: str = "block_ids", unique: bool = False
+    ) -> np.ndarray:
+        """``values`` as checked engine block ids of this layout (see :func:`block_id_array`)."""
+        return block_id_array(values, self.num_blocks, name=name, unique=unique)
 
     def describe(self) -> dict[str, Any]:
         """A JSON-ready summary (for logs and ``kvortex info``)."""
@@ -305,3 +313,74 @@ def _kind_name(t: torch.Tensor, page_format: str, merged: bool) -> str:
     if tuple(t.shape)[1] == 1:
         return "vllm-0.33 single-head (MLA)"
     return f"vllm-0.33 per-layer (LB{order}C)"
+
+
+def block_id_array(
+    values: object, num_blocks: int, *, name: str = "block_ids", unique: bool = False
+) -> np.ndarray:
+    """Engine block ids as a 1-D ``int64`` array, each checked to lie in ``[0, num_blocks)``.
+
+    Accepts a list or tuple of ints (numpy integer scalars too), or a 1-D integer numpy array
+    or torch tensor (any device). Refuses with :class:`InvalidArgumentError`, before any cast:
+    ``None``, strings, scalars, bools, floats, arrays of two or more dimensions, ids out of
+    range (checked as Python ints, so ``2**64 - 1`` never wraps to ``-1``) and, with
+    ``unique``, repeated ids. Negative ids are never valid: they are not blocks.
+    """
+    if values is None or isinstance(values, (str, bytes, bytearray, int, float)):
+        raise InvalidArgumentError(
+            f"{name} must be a 1-D sequence of ints, got {type(values).__name__} {values!r:.40}"
+        )
+    if isinstance(values, (list, tuple)):
+        kinds = set(map(type, values))
+        bad = next((k for k in kinds if not _is_int_type(k)), None)
+        if bad is not None:
+            value = next(v for v in values if type(v) is bad)
+            raise InvalidArgumentError(f"{name} must hold ints, got {bad.__name__} {value!r:.40}")
+        try:
+            arr = np.asarray(values)
+        except OverflowError as exc:
+            raise InvalidArgumentError(f"{name}: an id is out of range: {exc}") from None
+        if len(values) and arr.dtype.kind not in "iu":  # mixed ints beyond int64/uint64
+            raise InvalidArgumentError(
+                f"{name}: ids out of range [0, {num_blocks}): {min(values)}..{max(values)}"
+            )
+    else:
+        if hasattr(values, "detach") and hasattr(values, "cpu"):  # a torch tensor
+            values = values.detach().cpu().numpy()
+        if not isinstance(values, np.ndarray):
+            raise InvalidArgumentError(
+                f"{name} must be a list, tuple, numpy array or torch tensor of ints, "
+                f"got {type(values).__name__}"
+            )
+        arr = values
+        if arr.ndim != 1:
+            raise InvalidArgumentError(f"{name} must be 1-D, got shape {arr.shape}")
+        if arr.dtype.kind not in "iu":
+            raise InvalidArgumentError(f"{name} must have an integer dtype, got {arr.dtype}")
+    if arr.ndim != 1:
+        raise InvalidArgumentError(f"{name} must be 1-D, got shape {arr.shape}")
+    if arr.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    low, high = arr.min(), arr.max()  # compared as Python ints: no wrap-around
+    if int(low) < 0 or int(high) >= num_blocks:
+        bad_id = int(low) if int(low) < 0 else int(high)
+        raise InvalidArgumentError(
+            f"{name}: block id {bad_id} is out of range; the engine has {num_blocks} blocks "
+            f"(ids 0..{num_blocks - 1})"
+        )
+    ids = np.ascontiguousarray(arr, dtype=np.int64)
+    if unique and len(np.unique(ids)) != len(ids):
+        seen, dup = set(), None
+        for b in ids.tolist():
+            if b in seen:
+                dup = b
+                break
+            seen.add(b)
+        raise InvalidArgumentError(f"{name}: block id {dup} appears more than once")
+    return ids
+
+
+def _is_int_type(kind: type) -> bool:
+    if kind is int:
+        return True
+    return issubclass(kind, np.integer) or (issubclass(kind, int) and not issubclass(kind, bool))

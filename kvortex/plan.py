@@ -13,11 +13,21 @@ __all__ = ["ChunkOp", "RequestOps", "TransferPlan"]
 
 @dataclass(frozen=True)
 class ChunkOp:
-    """One chunk: its key, its host slot, and the engine blocks that hold (or will hold) it."""
+    """One chunk: its key, its host slot, and the engine blocks that hold (or will hold) it.
+
+    ``skip_pages``: for a load, how many of the chunk's first blocks the engine already holds
+    (its own prefix cache hit ends inside the chunk); those pages are left alone.
+    """
 
     key: bytes
     slot: int
     block_ids: tuple[int, ...]
+    skip_pages: int = 0
+
+    @property
+    def moved_block_ids(self) -> tuple[int, ...]:
+        """The blocks this op actually writes or reads (all but the skipped ones)."""
+        return self.block_ids[self.skip_pages :]
 
 
 @dataclass(frozen=True)
@@ -34,6 +44,11 @@ class RequestOps:
     @property
     def block_ids(self) -> list[int]:
         return [b for c in self.chunks for b in c.block_ids]
+
+    @property
+    def skip(self) -> list[bool]:
+        """One flag per entry of :attr:`block_ids`: True for a page left alone."""
+        return [i < c.skip_pages for c in self.chunks for i in range(len(c.block_ids))]
 
 
 @dataclass(frozen=True)

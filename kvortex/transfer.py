@@ -29,11 +29,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kvortex import _loader
+from kvortex import backend as _backend
 from kvortex.errors import (
     BackendUnavailable,
     InvalidArgumentError,
     InvalidTypeError,
     LayoutError,
+    PoolClosed,
     SlotError,
     TransferError,
 )
@@ -44,15 +46,29 @@ if TYPE_CHECKING:
     from kvortex.layout import PagedLayout
     from kvortex.memory import HostSlabPool
 
-__all__ = ["PATHS", "Mover", "TransferHandle"]
+__all__ = ["PATHS", "Mover", "TransferHandle", "resolve_path"]
 
 PATHS = ("auto", "dma", "kernel", "torch")
 _METHOD_CODE = {"dma": 0, "kernel": 1, "naive": 2}
-# A block id of SKIP leaves that page alone on both sides (e.g. blocks of a chunk that the
-# engine already holds from its own prefix cache).
-SKIP = -1
+# Inside the Mover (and in the CUDA engine's id arrays) a block id of _SKIP leaves that page
+# alone on both sides. Callers never pass it: they say which pages to skip with ``skip=``, and
+# every id they pass is checked to be a real block.
+_SKIP = -1
 # Pages (or merged runs of adjacent pages) at least this large go through the copy engines.
 DMA_MIN_BYTES = 256 * 1024
+
+
+def resolve_path(path: object, backend: str | None) -> str:
+    """The Mover path for a requested ``path`` under a hot-path ``backend`` setting.
+
+    ``"auto"`` becomes ``"torch"`` when the effective backend (``backend``, else the process
+    default ``KVORTEX_BACKEND``) is ``"python"``: a pure-Python run then copies through torch
+    too, not through the CUDA engine. An explicit path is kept.
+    """
+    if not isinstance(path, str) or path not in PATHS:
+        raise InvalidArgumentError(f"transfer path {path!r}; expected one of {', '.join(PATHS)}")
+    effective = _backend.default_backend() if backend is None else backend
+    return "torch" if path == "auto" and effective == "python" else path
 
 
 class TransferHandle:
@@ -148,7 +164,7 @@ class Mover:
             )
         self.max_ctas = max_ctas
         self._on_cuda = layout.device.startswith("cuda")
-        self.path = self._choose_path(path)
+        self.path = self.check_path(layout, path)
         self._closed = False
         self._inflight: list[TransferHandle] = []
         self._lock = threading.Lock()
@@ -173,6 +189,7 @@ class Mover:
         block_ids: Sequence[int] | Any,
         slots: Sequence[int],
         *,
+        skip: Sequence[bool] | Any = None,
         layout_id: str | None = None,
         after: Any = None,
     ) -> TransferHandle:
@@ -180,21 +197,23 @@ class Mover:
 
         Args:
             block_ids: ``len(slots) * blocks_per_chunk`` engine block ids (list, numpy or
-                tensor of ints), chunk by chunk.
+                tensor of ints), chunk by chunk, each in ``[0, layout.num_blocks)``.
             slots: allocated host slots, one per chunk.
+            skip: optional, one bool per block id: True leaves that page alone on both sides
+                (e.g. blocks the engine already holds from its own prefix cache).
             layout_id: when given, must be this mover's ``layout.layout_id`` (a plan made for
                 another engine instance is refused).
             after: a ``torch.cuda.Event`` the copy waits for; default: all work queued so far
                 on the calling thread's current stream.
         """
-        ids, addrs = self._validate(block_ids, slots, layout_id)
-        return self._submit(True, ids, addrs, list(slots), after)
+        return self._transfer(True, block_ids, slots, skip, layout_id, after)
 
     def load(
         self,
         slots: Sequence[int],
         block_ids: Sequence[int] | Any,
         *,
+        skip: Sequence[bool] | Any = None,
         layout_id: str | None = None,
         after: Any = None,
     ) -> TransferHandle:
@@ -203,11 +222,15 @@ class Mover:
         Arguments as for :meth:`store`. Before reading the blocks, wait on the handle (host)
         or call ``handle.wait_on_stream()`` (device).
         """
-        ids, addrs = self._validate(block_ids, slots, layout_id)
-        return self._submit(False, ids, addrs, list(slots), after)
+        return self._transfer(False, block_ids, slots, skip, layout_id, after)
 
     def close(self) -> None:
-        """Wait for in-flight transfers; further use raises. Idempotent."""
+        """Wait for in-flight transfers; further use raises. Idempotent.
+
+        A transfer being prepared on another thread finishes launching first (both hold the
+        mover's lock), so closing the pool right after never leaves a copy queued against
+        unmapped or unregistered memory.
+        """
         with self._lock:
             if self._closed:
                 return
@@ -224,14 +247,19 @@ class Mover:
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _choose_path(self, requested: str) -> str:
+    @staticmethod
+    def check_path(layout: PagedLayout, requested: str) -> str:
+        """The path a Mover over ``layout`` would run for ``requested`` (raises as the
+        constructor would, without building anything): ``"auto"``, ``"dma"``, ``"kernel"``
+        or ``"torch"``; ``"auto"`` on CUDA is decided per transfer (see ``_method_for``)."""
+        if requested not in PATHS:
+            raise InvalidArgumentError(f"path={requested!r}; expected one of {', '.join(PATHS)}")
         if requested == "torch":
             return "torch"
-        if not self._on_cuda:
+        if not layout.device.startswith("cuda"):
             if requested != "auto":
                 raise InvalidArgumentError(
-                    f"path={requested!r} needs CUDA tensors; "
-                    f"the KV cache is on {self.layout.device}"
+                    f"path={requested!r} needs CUDA tensors; the KV cache is on {layout.device}"
                 )
             return "torch"
         loaded = _loader.cuda()
@@ -241,14 +269,13 @@ class Mover:
                     f"the CUDA copy engine is unavailable: {loaded.reason}", loaded.reason
                 )
             return "torch"
-        # "auto" on CUDA is decided per transfer (see _method_for).
         return requested
 
     def path_for(self, block_ids: Sequence[int] | Any) -> str:
         """The path a transfer of ``block_ids`` takes: ``"dma"``, ``"kernel"`` or ``"torch"``."""
         if self.path == "torch":
             return "torch"
-        code = self._method_for(_as_index_array(block_ids, "block_ids"))
+        code = self._method_for(self.layout.block_id_array(block_ids))
         return next(name for name, c in _METHOD_CODE.items() if c == code)
 
     def _method_for(self, ids: np.ndarray) -> int:
@@ -267,8 +294,27 @@ class Mover:
         mean_run = self.layout.page_bytes * len(ids) / max(runs, 1)
         return _METHOD_CODE["dma" if mean_run >= DMA_MIN_BYTES else "kernel"]
 
+    def _transfer(
+        self,
+        to_host: bool,
+        block_ids: Sequence[int] | Any,
+        slots: Sequence[int],
+        skip: Sequence[bool] | Any,
+        layout_id: str | None,
+        after: Any,
+    ) -> TransferHandle:
+        # The lock spans checks, address lookup and launch: close() (also run by the pool's
+        # close) cannot unmap the slots between the check that the pool is open and the copy.
+        with self._lock:
+            ids, addrs = self._validate(block_ids, slots, skip, layout_id)
+            return self._submit(to_host, ids, addrs, list(slots), after)
+
     def _validate(
-        self, block_ids: Sequence[int] | Any, slots: Sequence[int], layout_id: str | None
+        self,
+        block_ids: Sequence[int] | Any,
+        slots: Sequence[int],
+        skip: Sequence[bool] | Any,
+        layout_id: str | None,
     ) -> tuple[np.ndarray, np.ndarray]:
         if self._closed:
             raise TransferError("this Mover is closed")
@@ -277,21 +323,22 @@ class Mover:
                 f"the plan was made for layout {layout_id}, but this mover serves layout "
                 f"{self.layout.layout_id} (another engine instance)"
             )
-        ids = _as_index_array(block_ids, "block_ids")
+        ids = self.layout.block_id_array(block_ids)
+        if isinstance(slots, (str, bytes)) or not isinstance(slots, Sequence):
+            raise InvalidTypeError(f"slots must be a sequence of ints, got {type(slots).__name__}")
         if len(ids) != len(slots) * self.blocks_per_chunk:
             raise InvalidArgumentError(
                 f"{len(slots)} slots need {len(slots) * self.blocks_per_chunk} block ids "
                 f"({self.blocks_per_chunk} per chunk), got {len(ids)}"
             )
-        if len(ids) and (ids.min() < SKIP or ids.max() >= self.layout.num_blocks):
-            bad = int(ids[(ids < SKIP) | (ids >= self.layout.num_blocks)][0])
-            raise InvalidArgumentError(
-                f"block id {bad} is out of range: the engine has {self.layout.num_blocks} blocks "
-                f"({SKIP} skips a page)"
-            )
+        if skip is not None:
+            mask = _skip_mask(skip, len(ids))
+            if mask.any():
+                ids = ids.copy()
+                ids[mask] = _SKIP
         try:
             addrs = np.array([self.pool.address(s) for s in slots], dtype=np.uint64)
-        except SlotError:
+        except (SlotError, PoolClosed):
             raise
         except TypeError as exc:
             raise InvalidTypeError(f"slots must be ints: {exc}") from exc
@@ -327,9 +374,8 @@ class Mover:
             event = torch.cuda.Event()
             event.record(stream)
         handle = TransferHandle(direction, len(slots), nbytes, event, keepalive)
-        with self._lock:
-            self._inflight = [h for h in self._inflight if not _settled(h)]
-            self._inflight.append(handle)
+        self._inflight = [h for h in self._inflight if not _settled(h)]  # under self._lock
+        self._inflight.append(handle)
         return handle
 
     def _cuda_copy(
@@ -367,7 +413,7 @@ class Mover:
             host = torch.frombuffer(view, dtype=torch.uint8)[: self.chunk_bytes]
             host = host.view(len(planes), bpc, page)
             chunk_ids = index[c * bpc : (c + 1) * bpc]
-            keep = ids[c * bpc : (c + 1) * bpc] != SKIP
+            keep = ids[c * bpc : (c + 1) * bpc] != _SKIP
             if not keep.any():
                 continue
             if not keep.all():  # some pages skipped: move only the others
@@ -425,17 +471,18 @@ def _settled(handle: TransferHandle) -> bool:
         return True
 
 
-def _as_index_array(values: Any, name: str) -> np.ndarray:
-    if hasattr(values, "detach") and hasattr(values, "cpu"):  # a torch tensor
-        values = values.detach().cpu().numpy()
-    arr = np.asarray(values)
-    if arr.size == 0:
-        return np.zeros(0, dtype=np.int64)
-    if arr.ndim != 1 or arr.dtype.kind not in "iu":
-        raise InvalidTypeError(
-            f"{name} must be a 1-D sequence of ints, got dtype {arr.dtype} shape {arr.shape}"
-        )
-    return np.ascontiguousarray(arr, dtype=np.int64)
+def _skip_mask(skip: Any, count: int) -> np.ndarray:
+    """``skip`` as a bool array of ``count`` entries (list, tuple, numpy or torch of bools)."""
+    if hasattr(skip, "detach") and hasattr(skip, "cpu"):
+        skip = skip.detach().cpu().numpy()
+    if isinstance(skip, (list, tuple)) and not all(type(v) is bool for v in skip):
+        raise InvalidTypeError("skip must hold bools, one per block id")
+    mask = np.asarray(skip)
+    if mask.dtype != np.bool_ or mask.ndim != 1:
+        raise InvalidTypeError(f"skip must be a 1-D bool sequence, got {mask.dtype} {mask.shape}")
+    if len(mask) != count:
+        raise InvalidArgumentError(f"skip has {len(mask)} entries for {count} block ids")
+    return mask
 
 
 def _plane_views(layout: PagedLayout) -> list[torch.Tensor]:

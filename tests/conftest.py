@@ -45,6 +45,13 @@ def pool_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+@pytest.fixture(params=_params("pool"))
+def engine_backend(request: pytest.FixtureRequest) -> str:
+    """``"python"`` and ``"native"``: the ``backend`` config of an engine or connector (its
+    hashing, queue and pool all follow it)."""
+    return str(request.param)
+
+
 def run_isolated(code: str, timeout: float = 60.0) -> str:
     """Run ``code`` in a fresh interpreter with a timeout and return its stdout.
 

@@ -7,6 +7,7 @@ directly (chunk alignment, skipped pages, delayed free, verification of slot con
 from __future__ import annotations
 
 import ctypes
+import logging
 import random
 
 import pytest
@@ -14,11 +15,13 @@ import torch
 from kv_layouts import LAYOUTS, fill_random
 
 from kvortex.config import KVortexConfig
-from kvortex.errors import ConfigError, LayoutError
+from kvortex.errors import ConfigError, EngineClosedError, InvalidArgumentError, LayoutError
+from kvortex.integrations.compat import vllm_version_note
 from kvortex.integrations.scheduler import SchedulerSide
 from kvortex.integrations.worker import WorkerSide
 from kvortex.keys import Namespace
 from kvortex.plan import ChunkOp, RequestOps, TransferPlan
+from kvortex.stats import ActivityLog
 
 L, B, N, H, D = 2, 64, 16, 2, 8
 CHUNK = 32
@@ -158,3 +161,87 @@ def test_recomputed_chunks_are_stored_again_after_a_failed_load() -> None:
     sending, _, _ = run_step(sched, worker)
     assert sending == {"b"}
     assert sched.matched_tokens("c", [*tokens, 2], 65, 0) == (64, False)
+
+
+@pytest.mark.parametrize("bad", [[-1, 1, 2, 3], [0, 1, 2, B], [0, 1, 2.0, 3], None])
+def test_scheduler_refuses_block_ids_that_are_not_blocks(bad: object) -> None:
+    sched, worker, _ = setup()
+    sched.num_blocks = B
+    tokens = list(range(64))
+    before = (sched.directory.used, sched.pinned_count())
+    with pytest.raises(InvalidArgumentError):
+        sched.finished("a", tokens, 64, bad)  # type: ignore[arg-type]
+    sched.finished("b", tokens, 64, [0, 1, 2, 3])
+    run_step(sched, worker)
+    assert sched.matched_tokens("c", [*tokens, 1], 65, 0) == (64, False)
+    with pytest.raises(InvalidArgumentError):
+        sched.after_alloc("c", bad, 64)  # type: ignore[arg-type]
+    assert before[1] == sched.pinned_count() == 0
+
+
+def test_worker_close_is_final_and_failed_register_leaves_nothing(engine_backend: str) -> None:
+    kv = LAYOUTS["lbnhc"](L, B, N, H, D, torch.float16, "cpu")
+    config = KVortexConfig.from_dict(
+        {"chunk_tokens": CHUNK, "cpu_bytes": "1MiB", "backend": engine_backend}
+    )
+    worker = WorkerSide(config, N, expected_chunk_bytes=12345)
+    with pytest.raises(LayoutError, match="planned 12345"):
+        worker.register(kv)
+    assert worker.pool is None and worker.mover is None
+    worker.expected_chunk_bytes = None
+    worker.register(kv)  # corrected
+    assert worker.pool is not None and worker.pool.backend == engine_backend
+    worker.close()
+    worker.close()
+    with pytest.raises(EngineClosedError):
+        worker.start(TransferPlan(step=1))
+    with pytest.raises(EngineClosedError):
+        worker.register(kv)
+
+
+def test_stats_line_counts_lookups_hits_and_bytes(caplog: pytest.LogCaptureFixture) -> None:
+    sched, worker, _ = setup(log_interval_s=5)
+    now = [0.0]
+    sched.activity = ActivityLog(5, clock=lambda: now[0])
+    tokens = list(range(100))
+    assert sched.matched_tokens("a", tokens, 100, 0) == (0, False)
+    sched.finished("a", tokens, 100, list(range(7)))
+    run_step(sched, worker)  # stores 3 chunks
+    external, _ = sched.matched_tokens("b", tokens, 101, 0)
+    sched.after_alloc("b", list(range(20, 27)), external)
+    now[0] = 6.0
+    with caplog.at_level(logging.INFO, logger="kvortex"):
+        run_step(sched, worker)
+    lines = [r.getMessage() for r in caplog.records if "lookups" in r.getMessage()]
+    gib = 3 * sched.chunk_bytes / 2**30
+    assert lines == [
+        f"kvortex: 6.0 s: 2 lookups, 96 hit tokens of 200 prompt tokens (48.0 %), loaded "
+        f"{gib:.2f} GiB, stored {gib:.2f} GiB, 0 evictions"
+    ]
+    now[0] = 20.0
+    assert sched.activity.tick() is None  # nothing happened: no line
+    off = ActivityLog(0, clock=lambda: now[0])
+    off.lookup(10, 10)
+    now[0] = 100.0
+    assert off.tick() is None
+
+
+@pytest.mark.parametrize(
+    ("version", "level"),
+    [
+        ("0.15.1", logging.INFO),
+        ("0.26.0", logging.INFO),
+        ("0.33.0", logging.INFO),
+        ("0.33.2rc1", logging.INFO),
+        ("0.14.0", logging.WARNING),
+        ("0.34.0", logging.WARNING),
+        ("1.0.0", logging.WARNING),
+        ("dev", logging.WARNING),
+    ],
+)
+def test_vllm_version_note(version: str, level: int) -> None:
+    got, message = vllm_version_note(version)
+    assert got == level
+    assert version in message and "0.15.1" in message and "0.33.0" in message
+    if level == logging.WARNING and version != "dev":
+        assert "outside the tested range" in message

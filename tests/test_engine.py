@@ -9,7 +9,7 @@ from conftest import run_isolated
 from kv_layouts import LAYOUTS, fill_random
 
 from kvortex.engine import KVortexEngine
-from kvortex.errors import InvalidArgumentError, NotRegisteredError
+from kvortex.errors import EngineClosedError, InvalidArgumentError, NotRegisteredError
 from kvortex.layout import PagedLayout
 
 L, B, N, H, D = 2, 64, 16, 2, 8
@@ -123,11 +123,11 @@ def test_bad_input() -> None:
         short = engine.store(prompt(20), [0, 1])
         short.wait(1)
         assert short.stored_tokens == 0 and engine.lookup(prompt(20)) == 0
-        with pytest.raises(InvalidArgumentError, match="need 4 blocks"):
+        with pytest.raises(InvalidArgumentError, match="fill 4 blocks"):
             engine.store(prompt(64), [0, 1, 2])
         with pytest.raises(InvalidArgumentError, match="already"):
             engine.register_kv_caches(kv, N)
-    with pytest.raises(NotRegisteredError, match="closed"):
+    with pytest.raises(EngineClosedError, match="closed"):
         engine.store(prompt(64), [0, 1, 2, 3])
     odd = KVortexEngine({"chunk_tokens": 24})
     with pytest.raises(InvalidArgumentError, match="multiple"):

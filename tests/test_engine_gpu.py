@@ -6,6 +6,7 @@ Skipped as a whole only when there is no CUDA device or no ``kvortex._cuda``.
 from __future__ import annotations
 
 import random
+import threading
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from kv_layouts import LAYOUTS, fill_random
 
 from kvortex import _loader
 from kvortex.engine import KVortexEngine
+from kvortex.errors import InvalidArgumentError
 
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
@@ -75,10 +77,68 @@ def test_skipped_pages_on_gpu(name: str, path: str) -> None:
         for b in (50, 51, 52, 53):
             for t in kv.values():
                 block(t, name, b).fill_(-3)
-        m.load([slot], [-1, 51, -1, 53]).wait()
+        m.load([slot], [50, 51, 52, 53], skip=[True, False, True, False]).wait()
+        with pytest.raises(InvalidArgumentError):  # -1 is no block id
+            m.load([slot], [-1, 51, -1, 53])
         for b in (50, 52):
             assert all(bool((block(t, name, b) == -3).all()) for t in kv.values())
         for i, b in ((1, 51), (3, 53)):
             assert all(
                 torch.equal(block(t, name, b), expected[i][j]) for j, t in enumerate(kv.values())
             )
+
+
+class _SlowMover:
+    """Builds a Mover whose CUDA copy signals, then dawdles before launching: the window in
+    which another thread may close the pool."""
+
+    @staticmethod
+    def build(layout, pool, bpc, path):  # type: ignore[no-untyped-def]
+        from kvortex.transfer import Mover
+
+        class Slow(Mover):
+            copying = threading.Event()
+
+            def _cuda_copy(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+                self.copying.set()
+                threading.Event().wait(0.3)
+                return super()._cuda_copy(*args, **kwargs)
+
+        return Slow(layout, pool, bpc, path=path)
+
+
+@pytest.mark.parametrize("path", ["dma", "kernel"])
+def test_pool_close_during_a_transfer_being_prepared(path: str) -> None:
+    """Closing the pool while another thread prepares a copy: close waits for the launch and
+    the copy, then unregisters and unmaps; the copy never runs against unmapped memory."""
+    from kvortex.layout import PagedLayout
+    from kvortex.memory import HostSlabPool
+
+    kv = LAYOUTS["blnhc"](L, B, N, H, D, torch.bfloat16, "cuda")
+    fill_random(kv, seed=4)
+    layout = PagedLayout.from_kv_caches(kv, N)
+    pool = HostSlabPool(layout.chunk_bytes(4), 2)
+    mover = _SlowMover.build(layout, pool, 4, path)
+    slot = pool.alloc()
+    view = pool.view(slot)  # keeps the memory readable after the pool closes
+    ids = [20, 21, 22, 23]
+    expected = torch.cat(
+        [block(t, "blnhc", b).reshape(-1).view(torch.uint8).cpu() for b in ids for t in kv.values()]
+    )
+    errors: list[BaseException] = []
+
+    def store() -> None:
+        try:
+            mover.store(ids, [slot]).wait()
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=store)
+    thread.start()
+    assert mover.copying.wait(10)
+    pool.close()
+    thread.join(30)
+    assert not thread.is_alive() and not errors, errors
+    torch.cuda.synchronize()
+    host = torch.frombuffer(bytearray(view[: layout.chunk_bytes(4)]), dtype=torch.uint8)
+    assert sorted(host.numpy().tobytes()) == sorted(expected.numpy().tobytes())

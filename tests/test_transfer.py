@@ -6,7 +6,9 @@ The same cases run on the GPU through both CUDA paths in test_transfer_gpu.py.
 from __future__ import annotations
 
 import ctypes
+import threading
 
+import numpy as np
 import pytest
 import torch
 from kv_layouts import LAYOUTS, fill_random
@@ -108,8 +110,14 @@ def test_validation_before_any_copy() -> None:
         mover.store([0, 1], [10_000])  # out of range
     with pytest.raises(InvalidArgumentError, match="repeat"):
         mover.store([0, 1, 2, 3], [slot, slot])
-    with pytest.raises(InvalidTypeError):
+    with pytest.raises(InvalidArgumentError):
         mover.store([0.5, 1.5], [slot])
+    for unsigned in (np.uint64, np.uint32, np.uint16):  # range-checked before any cast
+        top = np.iinfo(unsigned).max
+        with pytest.raises(InvalidArgumentError, match=f"block id {top} is out of range"):
+            mover.store(np.array([0, top], dtype=unsigned), [slot])
+    with pytest.raises(InvalidArgumentError, match="out of range"):
+        mover.store(torch.tensor([0, -1]), [slot])
     with pytest.raises(LayoutError, match="another engine"):
         mover.store([0, 1], [slot], layout_id="somebody-else")
     assert bytes(pool.view(slot)) == before
@@ -139,26 +147,78 @@ def test_closed_mover_and_pool_close_closes_mover() -> None:
         mover.store([0, 1], [slot])
 
 
+class _SlowMover(Mover):
+    """Signals when a copy is about to start, then dawdles: the window in which another
+    thread may close the pool."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.copying = threading.Event()
+
+    def _torch_copy(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.copying.set()
+        threading.Event().wait(0.3)
+        return super()._torch_copy(*args, **kwargs)
+
+
+def test_pool_close_waits_for_a_transfer_being_prepared() -> None:
+    kv = LAYOUTS["lbnhc"](L, B, N, H, D, torch.float16, "cpu")
+    fill_random(kv, seed=5)
+    layout = PagedLayout.from_kv_caches(kv, N)
+    pool = HostSlabPool(layout.chunk_bytes(BPC), 2, backend="python")
+    mover = _SlowMover(layout, pool, BPC)
+    slot = pool.alloc()
+    expected = block_bytes(layout, 3) + block_bytes(layout, 4)
+    result: dict[str, object] = {}
+    view = pool.view(slot)  # a view keeps the memory readable after the pool closes
+
+    def store() -> None:
+        mover.store([3, 4], [slot]).wait()
+        result["bytes"] = bytes(view[: layout.chunk_bytes(BPC)])
+
+    thread = threading.Thread(target=store)
+    thread.start()
+    assert mover.copying.wait(10)
+    pool.close()  # must wait for the copy in progress, never unmap under it
+    thread.join(10)
+    assert not thread.is_alive()
+    host = result["bytes"]
+    assert isinstance(host, bytes)
+    got = [
+        host[layout.host_offset(p, b, BPC) : layout.host_offset(p, b, BPC) + layout.page_bytes]
+        for b in range(BPC)
+        for p in range(layout.num_planes)
+    ]
+    assert sorted(got) == sorted(expected)
+    with pytest.raises(TransferError, match="closed"):
+        mover.store([3, 4], [slot])
+
+
 def test_backend_unavailable_is_typed() -> None:
     assert issubclass(BackendUnavailable, RuntimeError)
 
 
 @pytest.mark.parametrize("name", ["fa_nhd", "lbnhc", "blnhc"])
 def test_skipped_pages_are_left_alone(name: str) -> None:
-    """Block id -1 skips a page on both sides: the engine already holds that block."""
+    """``skip`` leaves a page alone on both sides: the engine already holds that block."""
     _, layout, pool, mover = make(name)
     slot = pool.alloc()
     src = [5, 6]
     expected = block_bytes(layout, 6)
-    mover.store([-1, 6], [slot]).wait()
+    mover.store([5, 6], [slot], skip=[True, False]).wait()
     host = bytes(pool.view(slot)[: layout.chunk_bytes(BPC)])
     for p in range(layout.num_planes):  # the skipped page's host bytes were not written
         off = layout.host_offset(p, 0, BPC)
         assert host[off : off + layout.page_bytes] == b"\x00" * layout.page_bytes
     mover.store(src, [slot]).wait()
     poison(layout, [8, 9])
-    mover.load([slot], [-1, 9]).wait()
+    mover.load([slot], [8, 9], skip=np.array([True, False])).wait()
     assert block_bytes(layout, 9) == expected
     assert block_bytes(layout, 8) == [b"\xa5" * layout.page_bytes] * layout.num_planes
-    with pytest.raises(InvalidArgumentError, match="out of range"):
-        mover.load([slot], [-2, 9])
+    for bad in ([-1, 9], [-2, 9]):  # negative ids are never blocks (no hidden skip marker)
+        with pytest.raises(InvalidArgumentError, match="out of range"):
+            mover.load([slot], bad)
+    with pytest.raises(InvalidArgumentError, match="entries"):
+        mover.load([slot], [8, 9], skip=[True])
+    with pytest.raises(InvalidTypeError, match="bool"):
+        mover.load([slot], [8, 9], skip=[1, 0])

@@ -205,9 +205,14 @@ def test_local_hit_inside_a_chunk_skips_its_pages(loops: Loops) -> None:
     b_blocks = loop.block_ids("B")
     assert b_blocks[0] == c_blocks[0]  # the local hit
     chunks = loop.loads_of("B")
-    assert [c.block_ids for c in chunks] == [(-1, b_blocks[1]), tuple(b_blocks[2:4])]
-    # Nothing outside B's and C's blocks was written (a -1 taken as an index would have hit
-    # the last block).
+    assert (
+        [(c.block_ids, c.skip_pages) for c in chunks]
+        == [
+            (tuple(b_blocks[0:2]), 1),  # the first page is vLLM's own: skipped
+            (tuple(b_blocks[2:4]), 0),
+        ]
+    )
+    # Nothing outside B's and C's blocks was written.
     others = [b for b in range(1, loop.num_blocks()) if b not in b_blocks + c_blocks]
     assert untouched(loop, others)
     loop.run_until_idle()

@@ -40,7 +40,7 @@ from kvortex.plan import ChunkOp, RequestOps, TransferPlan
 
 pytestmark = pytest.mark.vllm
 
-# Planes per layout (DESIGN.md section 2): a block maps to one page in every plane.
+# Planes per layout (docs/architecture.md): a block maps to one page in every plane.
 PLANES = {
     "LBNHC": 2,  # one per layer
     "LBHNC": 2,
@@ -136,7 +136,7 @@ def test_a_slot_the_worker_never_stored_is_a_load_error(loops: Loops, layout: st
             RequestOps("never", (ChunkOp(first.key, never, (10, 11)),)),
             RequestOps("other", (ChunkOp(first.key, second.slot, (12, 13)),)),  # other key
             RequestOps("good", (ChunkOp(first.key, first.slot, (14, 15)),)),
-            RequestOps("skip", (ChunkOp(second.key, second.slot, (-1, 16)),)),
+            RequestOps("skip", (ChunkOp(second.key, second.slot, (17, 16), skip_pages=1),)),
         ),
     )
     errors: set[int] = set()
@@ -153,9 +153,8 @@ def test_a_slot_the_worker_never_stored_is_a_load_error(loops: Loops, layout: st
         # The good chunk holds A's chunk 0; the half-skipped one A's tokens 48..63 only.
         assert torch.equal(worker.kv.read(name, slots_of([14, 15])), reference[name][:32])
         assert torch.equal(worker.kv.read(name, slots_of([16])), reference[name][48:64])
-        # -1 is "skip", not "the last block".
-        last = loop.num_blocks() - 1
-        assert bool((worker.kv.read(name, slots_of([last])) == SENTINEL).all())
+        # The skipped page (vLLM's own prefix-cache block) is left alone.
+        assert bool((worker.kv.read(name, slots_of([17])) == SENTINEL).all())
 
 
 def test_two_tensor_parallel_ranks_keep_their_own_shards(loops: Loops) -> None:

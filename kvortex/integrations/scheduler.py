@@ -30,8 +30,9 @@ from kvortex.config import KVortexConfig
 from kvortex.directory import Directory, FreeListAllocator
 from kvortex.errors import ConfigError, InvalidArgumentError
 from kvortex.keys import Namespace
+from kvortex.layout import block_id_array
 from kvortex.plan import ChunkOp, TransferPlan
-from kvortex.transfer import SKIP
+from kvortex.stats import ActivityLog
 
 __all__ = ["SchedulerSide", "StepOutput"]
 
@@ -80,6 +81,9 @@ class SchedulerSide:
         hold_blocks_while_loading: True where the engine frees a finished request's blocks at
             once even if a load into them is in flight (vLLM 0.15): the request is then kept
             until the load ends. False where the engine waits for the load itself (0.33).
+        num_blocks: the engine's KV blocks per worker, when known: block ids the engine
+            hands over are checked against it.
+        tp_size: workers that each move their shard of every chunk (for bytes moved).
     """
 
     def __init__(
@@ -90,6 +94,8 @@ class SchedulerSide:
         chunk_bytes: int,
         *,
         hold_blocks_while_loading: bool,
+        num_blocks: int | None = None,
+        tp_size: int = 1,
     ) -> None:
         if config.chunk_tokens % block_size:
             raise ConfigError(
@@ -111,6 +117,10 @@ class SchedulerSide:
         self.directory = Directory(
             num_slots, eviction=config.eviction, allocator=FreeListAllocator(num_slots)
         )
+        self.num_blocks = num_blocks
+        self.tp_size = tp_size
+        self.activity = ActivityLog(config.log_interval_s)
+        self._evictions_seen = 0
         self._hold_while_loading = hold_blocks_while_loading
         self._requests: dict[str, _Request] = {}
         self._async: set[str] = set()
@@ -128,9 +138,12 @@ class SchedulerSide:
         salt: str | None = None,
     ) -> tuple[int, bool]:
         """Tokens beyond ``num_computed`` loadable from the host tier, and whether async."""
+        new = request_id not in self._requests
         req = self._request(request_id, prompt, salt)
         if req.finished:
             return 0, False
+        if new:
+            self.activity.lookup(len(prompt), 0)
         hit = self.directory.match(req.keys)
         # An in-step load may not cover the whole prompt: the engine must compute >= 1 token.
         hit = min(hit, (num_tokens - 1) // self.chunk)
@@ -148,6 +161,7 @@ class SchedulerSide:
         req = self._requests.get(request_id)
         if req is None or num_external == 0 or req.offer is None:
             return
+        block_ids = self._checked(block_ids)
         offer, req.offer = req.offer, None
         start = offer.num_computed
         first, last = start // self.chunk, offer.hit_chunks
@@ -163,18 +177,18 @@ class SchedulerSide:
         ops = []
         for n, (key, slot) in enumerate(zip(keys, slots, strict=True)):
             c = first + n
-            ids = [
-                b if i >= skip_below else SKIP
-                for i, b in enumerate(block_ids[c * bpc : (c + 1) * bpc], start=c * bpc)
-            ]
+            ids = tuple(block_ids[c * bpc : (c + 1) * bpc])
             if len(ids) < bpc:
                 raise InvalidArgumentError(
                     f"request {request_id} holds {len(block_ids)} blocks; chunk {c} needs "
                     f"blocks up to {(c + 1) * bpc}"
                 )
-            ops.append(ChunkOp(key, slot, tuple(ids)))
-            req.loaded_blocks.update({b: key for b in ids if b != SKIP})
+            op = ChunkOp(key, slot, ids, skip_pages=min(bpc, max(0, skip_below - c * bpc)))
+            ops.append(op)
+            req.loaded_blocks.update(dict.fromkeys(op.moved_block_ids, key))
         self.directory.add_load(request_id, ops)
+        self.activity.hit(num_external)
+        self.activity.moved(loaded=self._bytes(sum(len(op.moved_block_ids) for op in ops)))
         if offer.is_async:
             req.loading = True
             self._async.add(request_id)
@@ -191,6 +205,7 @@ class SchedulerSide:
         """The request finished (or was aborted). Queue the store of its computed full chunks;
         return True if the engine must keep ``block_ids`` until the workers report the store
         (or, see ``hold_blocks_while_loading``, the load) finished."""
+        block_ids = self._checked(block_ids)
         req = self._request(request_id, (), salt)
         req.finished = True
         if req.loading:
@@ -233,6 +248,10 @@ class SchedulerSide:
             frozenset(self._release_after_load),
         )
         self._async.clear()
+        evictions = self.directory.evictions
+        self.activity.evicted(evictions - self._evictions_seen)
+        self._evictions_seen = evictions
+        self.activity.tick()
         return out
 
     def on_worker_output(
@@ -258,6 +277,7 @@ class SchedulerSide:
                 continue
             if req.storing:
                 self.directory.commit_store(req.storing, ok=True)
+                self.activity.moved(stored=len(req.storing) * self.chunk_bytes * self.tp_size)
             self._release_after_load.discard(rid)
             self._forget(rid)
 
@@ -268,6 +288,15 @@ class SchedulerSide:
         return sum(len(keys) for req in self._requests.values() for keys in req.pins)
 
     # -- internals ----------------------------------------------------------------------------
+
+    def _bytes(self, pages: int) -> int:
+        """Bytes moved for ``pages`` engine blocks' pages on every worker."""
+        return pages * self.chunk_bytes // self.blocks_per_chunk * self.tp_size
+
+    def _checked(self, block_ids: Sequence[int]) -> list[int]:
+        """The engine's block ids, each a real block (never a negative or oversized id)."""
+        limit = self.num_blocks if self.num_blocks is not None else 2**62
+        return block_id_array(block_ids, limit).tolist()  # type: ignore[no-any-return]
 
     def _request(self, request_id: str, prompt: Sequence[int], salt: str | None) -> _Request:
         req = self._requests.get(request_id)

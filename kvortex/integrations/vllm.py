@@ -15,6 +15,7 @@ translates vLLM's objects into their plain arguments.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from kvortex.config import KVortexConfig
 from kvortex.errors import ConfigError
+from kvortex.integrations.compat import vllm_version_note
 from kvortex.integrations.scheduler import SchedulerSide, describe_namespace
 from kvortex.integrations.worker import WorkerSide
 from kvortex.keys import Namespace
@@ -60,6 +62,9 @@ class KVortexConnector(KVConnectorBase_V1):  # type: ignore[misc]
 
     def __init__(self, vllm_config: Any, role: Any, kv_cache_config: Any = None) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
+        _show_kvortex_logs()
+        level, note = vllm_version_note(_vllm_version())
+        log.log(level, "%s", note)
         extra = dict(vllm_config.kv_transfer_config.kv_connector_extra_config or {})
         self.config = KVortexConfig.from_dict(extra)
         cache = vllm_config.cache_config
@@ -90,6 +95,8 @@ class KVortexConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 self.block_size,
                 chunk_bytes,
                 hold_blocks_while_loading=not _MODERN,
+                num_blocks=getattr(kv_cache_config, "num_blocks", None),
+                tp_size=self.tp_size,
             )
         else:
             rank = int(getattr(parallel, "rank", 0) or 0) % self.tp_size
@@ -203,6 +210,32 @@ class KVortexConnector(KVConnectorBase_V1):  # type: ignore[misc]
     def _worker(self) -> WorkerSide:
         assert self.worker_side is not None, "worker-role method on a scheduler connector"
         return self.worker_side
+
+
+def _show_kvortex_logs() -> None:
+    """Give the ``kvortex`` logger a handler at INFO when nobody configured logging.
+
+    vLLM sets up only its own ``vllm`` logger; without this the version line and the periodic
+    hit-rate line (INFO) would be dropped. Skipped under ``VLLM_CONFIGURE_LOGGING=0`` and
+    whenever the ``kvortex`` or the root logger already has a handler (the user's set-up wins).
+    """
+    logger = logging.getLogger("kvortex")
+    if os.environ.get("VLLM_CONFIGURE_LOGGING", "1") == "0":
+        return
+    if logger.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s [kvortex] %(message)s"))
+    logger.addHandler(handler)
+    logger.propagate = False  # a root handler added later must not print every line twice
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+
+
+def _vllm_version() -> str:
+    import vllm
+
+    return str(getattr(vllm, "__version__", "unknown"))
 
 
 def _cacheable(request: Any) -> bool:

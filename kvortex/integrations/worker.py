@@ -19,11 +19,17 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from kvortex.config import KVortexConfig
-from kvortex.errors import KVortexError, LayoutError
+from kvortex.errors import (
+    ConfigError,
+    EngineClosedError,
+    InvalidArgumentError,
+    KVortexError,
+    LayoutError,
+)
 from kvortex.layout import PagedLayout
 from kvortex.memory import HostSlabPool
 from kvortex.plan import RequestOps, TransferPlan
-from kvortex.transfer import SKIP, Mover, TransferHandle
+from kvortex.transfer import Mover, TransferHandle, resolve_path
 
 if TYPE_CHECKING:
     import torch
@@ -76,9 +82,16 @@ class WorkerSide:
         self._sync_pending: list[TransferHandle] = []
         self._release_after_load: set[str] = set()
         self._load_errors: set[int] = set()
+        self._closed = False
 
     def register(self, kv_caches: Mapping[str, torch.Tensor]) -> None:
-        """Adopt the engine's KV tensors; build the layout, the pool and the mover."""
+        """Adopt the engine's KV tensors; build the layout, the pool and the mover.
+
+        Everything is checked before anything is built; a failure leaves nothing behind."""
+        if self._closed:
+            raise EngineClosedError("this connector worker is closed")
+        if self.mover is not None:
+            raise InvalidArgumentError("register_kv_caches was already called on this worker")
         layout = PagedLayout.from_kv_caches(kv_caches, self.block_size)
         chunk_bytes = layout.chunk_bytes(self.blocks_per_chunk)
         if self.expected_chunk_bytes is not None and chunk_bytes != self.expected_chunk_bytes:
@@ -88,18 +101,28 @@ class WorkerSide:
                 "sized wrongly on one side"
             )
         num_slots = self.config.cpu_bytes // chunk_bytes
+        if num_slots < 1:
+            raise ConfigError(
+                f"cpu_bytes={self.config.cpu_bytes} cannot hold one chunk of {chunk_bytes} bytes"
+            )
+        path = resolve_path(self.transfer_path, self.config.backend)
         pool = HostSlabPool.for_config(self.config, chunk_bytes, num_slots)
-        # The scheduler side allocates slot ids; here every slot is in use from the start.
-        for _ in range(num_slots):
-            pool.alloc()
-        self.mover = Mover(layout, pool, self.blocks_per_chunk, path=self.transfer_path)
+        try:
+            # The scheduler side allocates slot ids; here every slot is in use from the start.
+            for _ in range(num_slots):
+                pool.alloc()
+            self.mover = Mover(layout, pool, self.blocks_per_chunk, path=path)
+        except BaseException:
+            pool.close()
+            raise
         self.pool, self.layout = pool, layout
         log.info(
-            "kvortex worker %d: %s, %d host slots of %d bytes",
+            "kvortex worker %d: %s, %d host slots of %d bytes, %s copies",
             self.rank,
             layout.kind,
             num_slots,
             chunk_bytes,
+            self.mover.path,
         )
 
     # -- per step -----------------------------------------------------------------------------
@@ -111,6 +134,8 @@ class WorkerSide:
         release_after_load: Iterable[str] = (),
     ) -> None:
         """Launch this step's stores and loads (all asynchronous on the device)."""
+        if self._closed:
+            raise EngineClosedError("this connector worker is closed")
         if self.mover is None:
             if not plan.empty:
                 raise KVortexError("a transfer plan arrived before register_kv_caches")
@@ -172,6 +197,8 @@ class WorkerSide:
                         flight.handle.wait()
 
     def close(self) -> None:
+        """Let in-flight copies land, then free the host pool. Final and idempotent."""
+        self._closed = True
         if self.mover is not None:
             self.mover.close()
         if self.pool is not None:
@@ -196,7 +223,7 @@ class WorkerSide:
         good = [c for c in ops.chunks if self._slot_keys.get(c.slot) == c.key]
         for c in ops.chunks:
             if self._slot_keys.get(c.slot) != c.key:
-                self._load_errors.update(b for b in c.block_ids if b != SKIP)
+                self._load_errors.update(c.moved_block_ids)
         if len(good) < len(ops.chunks):
             log.warning(
                 "kvortex: %s: %d of %d chunks are not in this worker's host tier; the engine "
@@ -206,15 +233,14 @@ class WorkerSide:
                 len(ops.chunks),
             )
         handle = None
+        todo = RequestOps(ops.request_id, tuple(good))
         if good:
             try:
-                handle = self.mover.load(
-                    [c.slot for c in good], [b for c in good for b in c.block_ids]
-                )
+                handle = self.mover.load(todo.slots, todo.block_ids, skip=todo.skip)
             except KVortexError as exc:
                 log.warning("kvortex: load of %s failed: %s", ops.request_id, exc)
-                self._load_errors.update(b for c in good for b in c.block_ids if b != SKIP)
-        return _InFlight(handle, RequestOps(ops.request_id, tuple(good)))
+                self._load_errors.update(b for c in good for b in c.moved_block_ids)
+        return _InFlight(handle, todo)
 
     def _settled(self, flight: _InFlight, *, store: bool) -> bool:
         """True once the transfer ended; records its outcome."""
@@ -231,5 +257,5 @@ class WorkerSide:
         if store and ok and flight.handle is not None:
             self._slot_keys.update(flight.slots_keys)
         if not store and not ok:
-            self._load_errors.update(b for b in flight.ops.block_ids if b != SKIP)
+            self._load_errors.update(b for c in flight.ops.chunks for b in c.moved_block_ids)
         return True
