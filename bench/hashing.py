@@ -3,7 +3,7 @@
 For prompts of 4K, 32K and 128K token ids, given as a Python list (what vLLM hands over) and as
 a numpy uint32 array, measures ``kvortex.hashing.hash_chunks`` with each backend: median and
 p99 latency, GB/s of token bytes (4 bytes per id), and the native/python speed-up. Targets
-(DESIGN.md section 5): native >= 1 GB/s on one core; a 128K-token prompt hashed in < 1 ms
+(docs/architecture.md, Targets): native >= 1 GB/s on one core; a 128K-token prompt hashed in < 1 ms
 from numpy. The ``target`` ratios are measured/target (>= 1 for throughput, <= 1 for latency
 means met).
 

@@ -731,8 +731,9 @@ def summary(cfg: Config, res: Results, device: dict[str, Any]) -> tuple[str, lis
                 target(f"{kind} {direction} ({auto}) >= 95% of ceiling", frac, 0.95, True)
             else:
                 target(f"{kind} {direction} ({auto}) >= 90% of ceiling", frac, 0.90, True)
-                # DESIGN's naive baseline is one memcpy per 32 KiB page; with bigger pages the
-                # naive way is already faster than ceiling / 4, so 4x cannot be asked there.
+                # The targets' naive baseline (docs/architecture.md) is one memcpy per 32 KiB
+                # page; with bigger pages the naive way is already faster than ceiling / 4, so
+                # 4x cannot be asked there.
                 if res.page_bytes.get(kind, 0) <= 32 * 1024:
                     target(
                         f"{kind} {direction} ({auto}) >= 4x naive",

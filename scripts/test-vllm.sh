@@ -20,6 +20,10 @@ py=${PYTHON:-python3}
 venv=${KVORTEX_VLLM_VENV_DIR:-$root/.venv-vllm}/$version
 
 step() { printf '\n==> %s\n' "$*"; }
+# Temporary working directories (so the installed package, not the tree, is imported) go away
+# on exit, pass or fail; the venv is kept for the next run.
+work=$(mktemp -d "${TMPDIR:-/tmp}/kvortex-vllm.XXXXXX")
+trap 'rm -rf "$work"' EXIT
 
 step "virtual environment $venv (vllm $version)"
 [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
@@ -36,7 +40,7 @@ python -m pip check
 
 step "versions"
 # From a temporary directory: the installed package, not the source tree, must be imported.
-(cd "$(mktemp -d)" && python - "$version") <<'EOF'
+(cd "$work" && python - "$version") <<'EOF'
 import sys
 
 import kvortex
@@ -53,7 +57,8 @@ EOF
 step "vllm $version tests"
 # From a temporary directory, so that the installed package, not the source tree, is tested.
 # Offline: the tiny model config is read from tests/data, nothing is downloaded.
-(cd "$(mktemp -d)" && HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 KVORTEX_REQUIRE_VLLM=1 \
+(cd "$work" && HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 KVORTEX_REQUIRE_VLLM=1 \
   python -m pytest -c "$root/pyproject.toml" --rootdir "$root" -m vllm -q \
+  --basetemp "$work/pytest" \
   "$root/tests/test_vllm_scheduler.py" "$root/tests/test_vllm_worker.py")
 step "vllm $version: all checks passed"

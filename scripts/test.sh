@@ -12,6 +12,26 @@ venv=${KVORTEX_TEST_VENV:-$root/.venv-test}
 
 step() { printf '\n==> %s\n' "$*"; }
 
+# Temporary directories (the pytest working and --basetemp directories, the built dist, the
+# fresh and no-compiler venvs) are made with tmpdir and removed on exit, pass or fail. The
+# persistent .venv-test and .venv-vllm environments are reused by the next run and are kept.
+tmpdirs=()
+cleanup() {
+  local d
+  for d in ${tmpdirs[@]+"${tmpdirs[@]}"}; do
+    rm -rf -- "$d"
+  done
+}
+trap cleanup EXIT
+# Sets the variable named $1 to a new temporary directory. Not $(...): a subshell could not
+# add to tmpdirs.
+tmpdir() {
+  local d
+  d=$(mktemp -d "${TMPDIR:-/tmp}/kvortex-test.XXXXXX")
+  tmpdirs+=("$d")
+  printf -v "$1" '%s' "$d"
+}
+
 step "virtual environment $venv"
 [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
 # shellcheck disable=SC1091
@@ -34,16 +54,20 @@ mypy kvortex
 
 step "tests (every backend)"
 # Run from a temporary directory so the installed package, not the source tree, is tested.
-(cd "$(mktemp -d)" && python -m pytest -c "$root/pyproject.toml" --rootdir "$root" "$root/tests" -q)
+tmpdir work
+(cd "$work" && python -m pytest -c "$root/pyproject.toml" --rootdir "$root" \
+  --basetemp "$work/pytest" "$root/tests" -q)
 
 step "tests with KVORTEX_BACKEND=python"
-(cd "$(mktemp -d)" && KVORTEX_BACKEND=python python -m pytest -c "$root/pyproject.toml" \
-  --rootdir "$root" "$root/tests" -q)
+tmpdir work
+(cd "$work" && KVORTEX_BACKEND=python python -m pytest -c "$root/pyproject.toml" \
+  --rootdir "$root" --basetemp "$work/pytest" "$root/tests" -q)
 
 step "wheel + sdist, installed into a fresh venv"
-dist=$(mktemp -d)
+tmpdir dist
 python -m build --outdir "$dist" . >/dev/null
-fresh=$(mktemp -d)/venv
+tmpdir fresh
+fresh=$fresh/venv
 "$py" -m venv "$fresh"
 "$fresh/bin/python" -m pip install -q "$dist"/kvortex-*.whl
 (cd "$fresh" && "$fresh/bin/python" -c "
@@ -53,7 +77,8 @@ print('fresh venv import ok:', kvortex.__version__)")
 ls "$dist"
 
 step "install without a C++ compiler: the package still installs and runs on the fallbacks"
-nocc=$(mktemp -d)/venv
+tmpdir nocc
+nocc=$nocc/venv
 "$py" -m venv "$nocc"
 CXX=/nonexistent/c++ CUDACXX=/nonexistent/nvcc "$nocc/bin/python" -m pip install -q .
 (cd "$nocc" && KVORTEX_REQUIRE_NATIVE=0 "$nocc/bin/python" -c "
