@@ -1,5 +1,5 @@
 # Type stub for the compiled core kvortex._native (csrc/bindings/). Public code reaches these
-# through kvortex.hashing, kvortex.queue and kvortex.memory, never directly.
+# through kvortex.hashing, kvortex.queue, kvortex.memory and kvortex.diskio, never directly.
 from typing import Any, final
 
 HOT_PATHS: dict[str, str]  # hot path -> "" when usable, else why not
@@ -63,3 +63,20 @@ class HostSlabPool:
     def numa_node(self) -> int | None: ...
     @property
     def hugepages(self) -> bool: ...
+
+# -- disk I/O (csrc/bindings/disk_io.cc); BatchIO and crc32 only when HOT_PATHS["disk"] == "" --
+DISK_ALIGN: int
+DISK_MAX_DEPTH: int
+DISK_CRC_GIL_RELEASE_BYTES: int
+
+@final
+class BatchIO:
+    def __init__(self, depth: int) -> None: ...
+    def run(self, ops: object) -> list[int]: ...
+    def close(self) -> None: ...
+    @property
+    def closed(self) -> bool: ...
+    @property
+    def depth(self) -> int: ...
+
+def crc32(address: int, nbytes: int, value: int = 0) -> int: ...

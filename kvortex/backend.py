@@ -1,6 +1,7 @@
 """Choosing between the compiled and the pure-Python implementation of each hot path.
 
-Every hot path (``hashing``, ``queue``, ``pool``) has two implementations with one contract.
+Every hot path (``hashing``, ``queue``, ``pool``, ``disk``) has two implementations with one
+contract.
 ``backend="auto"`` picks the native one when it loaded, else the fallback, and says why;
 ``"native"`` raises :class:`BackendUnavailable` with the recorded reason instead of falling back
 silently; ``"python"`` forces the fallback. ``KVORTEX_BACKEND`` sets the process default.
@@ -25,7 +26,7 @@ __all__ = [
     "resolve",
 ]
 
-HOT_PATHS = ("hashing", "queue", "pool")
+HOT_PATHS = ("hashing", "queue", "pool", "disk")
 BACKENDS = ("auto", "native", "python")
 Implementation = Literal["native", "python"]
 

@@ -18,12 +18,14 @@ from kvortex import backend
 REQUIRE_NATIVE = os.environ.get("KVORTEX_REQUIRE_NATIVE") == "1"
 
 
-def _params(hot_path: str) -> list[object]:
-    reason = backend.native_reason(hot_path)
+def _params(*hot_paths: str) -> list[object]:
+    """``"python"`` and ``"native"``; native skipped unless every one of ``hot_paths`` has it."""
+    missing = [(path, backend.native_reason(path)) for path in hot_paths]
+    missing = [(path, reason) for path, reason in missing if reason]
     native: object = "native"
-    if reason and not REQUIRE_NATIVE:
-        skip = pytest.mark.skip(reason=f"native {hot_path}: {reason}")
-        native = pytest.param("native", marks=skip)
+    if missing and not REQUIRE_NATIVE:
+        why = "; ".join(f"native {path}: {reason}" for path, reason in missing)
+        native = pytest.param("native", marks=pytest.mark.skip(reason=why))
     return ["python", native]
 
 
@@ -45,10 +47,16 @@ def pool_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-@pytest.fixture(params=_params("pool"))
+@pytest.fixture(params=_params("disk"))
+def disk_backend(request: pytest.FixtureRequest) -> str:
+    """``"python"`` and ``"native"``: the batch disk I/O and CRC-32 implementations."""
+    return str(request.param)
+
+
+@pytest.fixture(params=_params(*backend.HOT_PATHS))
 def engine_backend(request: pytest.FixtureRequest) -> str:
     """``"python"`` and ``"native"``: the ``backend`` config of an engine or connector (its
-    hashing, queue and pool all follow it)."""
+    hashing, queue, pool and disk tier all follow it)."""
     return str(request.param)
 
 

@@ -21,6 +21,8 @@ CPU_BENCHMARKS = [
     "directory.py",
     "engine.py",
     "connector.py",
+    "disk_io.py",
+    "disk.py",
 ]
 
 

@@ -288,9 +288,9 @@ def test_backend_values(value: object, expected: str | None) -> None:
 def test_backend_inherit_resolves_to_the_process_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("KVORTEX_BACKEND", raising=False)
     cfg = KVortexConfig()
-    assert [c.requested for c in kvortex_backend.describe(cfg.backend)] == ["auto"] * 3
+    assert [c.requested for c in kvortex_backend.describe(cfg.backend)] == ["auto"] * len(kvortex_backend.HOT_PATHS)
     monkeypatch.setenv("KVORTEX_BACKEND", "python")
-    assert [c.active for c in kvortex_backend.describe(cfg.backend)] == ["python"] * 3
+    assert [c.active for c in kvortex_backend.describe(cfg.backend)] == ["python"] * len(kvortex_backend.HOT_PATHS)
 
 
 @pytest.mark.parametrize(

@@ -9,5 +9,6 @@ void register_errors(pybind11::module_& m);
 void init_hashing(pybind11::module_& m);
 void init_queue(pybind11::module_& m);
 void init_pool(pybind11::module_& m);
+void init_disk_io(pybind11::module_& m);
 
 }  // namespace kvortex::bindings
