@@ -79,6 +79,18 @@ def _print_info(report: dict[str, Any]) -> None:
     switches = report["process_switches"]
     if switches:
         print("process switches: " + ", ".join(f"{k}={v}" for k, v in switches.items()))
+    disk = report["disk_tier"]
+    if not disk["enabled"]:
+        print("disk tier: off (no disk_path)")
+    else:
+        direct = {True: "O_DIRECT", False: "buffered (no O_DIRECT here)", None: "?"}
+        print(
+            f"disk tier: {disk['path']} ({disk['filesystem']}, "
+            f"{direct[disk.get('direct_io')]}), {_gib(disk['used'])} of "
+            f"{_gib(disk['capacity'])} used in {disk['segments']} segments"
+            + ("" if disk["exists"] else "; directory not created yet")
+            + (f"; {disk['problem']}" if "problem" in disk else "")
+        )
     print("config:")
     for key, value in report["config"].items():
         note = ""
@@ -86,6 +98,10 @@ def _print_info(report: dict[str, Any]) -> None:
             default = next(iter(report["hot_paths"].values()))["requested"]
             note = f"  (inherit: process default {default!r})"
         print(f"  {key} = {value!r}{note}")
+
+
+def _gib(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB"
 
 
 if __name__ == "__main__":

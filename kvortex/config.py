@@ -236,6 +236,33 @@ def _salt(key: str, value: object) -> str:
     return value
 
 
+def _optional_path(key: str, value: object) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a directory path, got {type(value).__name__}")
+    if not value.strip():
+        return None
+    if "\0" in value:
+        raise ConfigError(f"{key}: the path holds a NUL byte")
+    return value
+
+
+def _disk_size(key: str, value: object) -> int:
+    size = parse_size(value, key=key)
+    if size < 64 * 2**20:
+        raise ConfigError(
+            f"{key}: {_shown(value)} is too small for a disk tier; give it at least 64MiB"
+        )
+    return size
+
+
+def _path_text(key: str, text: str) -> object:
+    return None if text.strip().lower() in ("", "none") else text
+
+
 def _int_text(key: str, text: str) -> object:
     """Environment values are text: read an int where the key wants one."""
     stripped = text.strip()
@@ -363,6 +390,29 @@ class KVortexConfig:
         "",
         _salt,
         "Mixed into every chunk key: tenants with different salts never share cached prefixes.",
+    )
+    disk_path: str | None = _key(
+        None,
+        _optional_path,
+        "Directory of the local disk tier (L2); none (the default) means no disk tier. Chunks "
+        "in host memory are also written here (write-through, see `disk_admission`) and "
+        "survive a restart; one process owns the directory at a time (under vLLM each "
+        "tensor-parallel rank uses a subdirectory `tp<rank>of<size>`).",
+        _path_text,
+    )
+    disk_bytes: int = _key(
+        parse_size("64GiB"),
+        _disk_size,
+        "Capacity of the disk tier, e.g. `500GiB` (at least `64MiB`); the oldest segment files "
+        "are deleted to stay within it.",
+    )
+    disk_admission: str = _key(
+        "seen-twice",
+        _choice("all", "seen-twice"),
+        "Which chunks the disk tier writes: `seen-twice` (a chunk on its second use, stored or "
+        "hit: one-off prompts cost no disk writes; on the multi-tenant trace 7-15 % of the "
+        "bytes of `all` for an equal or better hit ratio, docs/PERF.md) or `all` (every "
+        "stored chunk).",
     )
     log_interval_s: float = _key(
         10.0,

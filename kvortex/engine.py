@@ -37,6 +37,7 @@ from kvortex.layout import PagedLayout
 from kvortex.memory import HostSlabPool
 from kvortex.queue import SPSCQueue
 from kvortex.stats import ActivityLog
+from kvortex.tiers.disk import DiskTier
 from kvortex.transfer import Mover, resolve_path
 
 if TYPE_CHECKING:
@@ -90,7 +91,9 @@ class StoreHandle(_Handle):
 
 
 class RetrieveHandle(_Handle):
-    """A retrieve in flight. ``tokens``: how many leading tokens it loads."""
+    """A retrieve in flight. ``tokens``: how many leading tokens it loads; with a disk tier
+    it can shrink before the handle is done (a chunk that failed to read back ends the
+    prefix), so read it after :meth:`wait`."""
 
     def __init__(self, tokens: int) -> None:
         super().__init__()
@@ -148,6 +151,7 @@ class KVortexEngine:
         self.directory: Directory | None = None
         self.pool: HostSlabPool | None = None
         self.mover: Mover | None = None
+        self.disk: DiskTier | None = None
         self._queue: SPSCQueue[_Job | None] | None = None
         self._thread: threading.Thread | None = None
         self._activity = ActivityLog(self.config.log_interval_s)
@@ -194,7 +198,7 @@ class KVortexEngine:
 
     def _build(self, layout: PagedLayout, bpc: int, chunk_bytes: int, num_slots: int) -> None:
         """Build pool, mover, queue and thread; on any failure release what was built."""
-        pool = mover = None
+        pool = mover = disk = None
         try:
             pool = HostSlabPool.for_config(self.config, chunk_bytes, num_slots)
             mover = Mover(layout, pool, bpc, path=self._transfer_path)
@@ -203,13 +207,25 @@ class KVortexEngine:
             namespace = Namespace(
                 self.model, layout.fingerprint, layout.dtype, tenant_salt=self.config.tenant_salt
             )
+            if self.config.disk_path is not None:
+                disk = DiskTier(
+                    self.config.disk_path,
+                    self.config.disk_bytes,
+                    namespace.encode(),
+                    chunk_bytes,
+                    admission=self.config.disk_admission,
+                    backend=self.config.backend,
+                )
             thread = threading.Thread(target=self._run, name="kvortex-mover", daemon=True)
         except BaseException:
+            if disk is not None:
+                disk.close()
             if mover is not None:
                 mover.close()
             if pool is not None:
                 pool.close()
             raise
+        self.disk = disk
         self.pool, self.mover, self._queue = pool, mover, queue
         self.directory, self.namespace, self.layout = directory, namespace, layout
         self._thread = thread
@@ -226,7 +242,11 @@ class KVortexEngine:
             return 0
         keys = self._keys(tokens)
         with self._lock:
-            hit = self.directory.match(keys) * self.config.chunk_tokens
+            n = self.directory.match(keys)
+        if self.disk is not None and n < len(keys):
+            n += self.disk.match(keys[n:])
+        hit = n * self.config.chunk_tokens
+        with self._lock:
             self._activity.lookup(len(keys) * self.config.chunk_tokens, hit)
             self._tick()
         return hit
@@ -282,18 +302,59 @@ class KVortexEngine:
         with self._lock:
             n = directory.match(keys)
             slots = directory.pin_for_load(keys[:n])
-        handle = RetrieveHandle(n * self.config.chunk_tokens)
-        if n == 0:
+        promote: list[tuple[int, bytes, int]] = []
+        if self.disk is not None and n < len(keys):
+            on_disk = self.disk.match(keys[n:])
+            if on_disk:
+                with self._lock:  # L1 slots for the disk part; the chain is protected
+                    promote = list(directory.reserve_store(keys[: n + on_disk]).chunks)
+        handle = RetrieveHandle((n + len(promote)) * self.config.chunk_tokens)
+        job = _Job(False, keys[:n], slots, ids, handle, self._after() if n or promote else None)
+        if promote:
+            self._fetch_then_load(job, promote)
+        elif n == 0:
             handle._finish()
-            return handle
+        else:
+            self._load(job)
+        return handle
+
+    def _load(self, job: _Job) -> None:
+        """Queue the GPU load of ``job`` (its chunks pinned in L1), or finish it if empty."""
         bpc = self.config.chunk_tokens // self._block_size()
+        job.block_ids = job.block_ids[: len(job.keys) * bpc]
+        if not job.keys:
+            job.handle._finish()
+            return
         try:
-            self._submit(_Job(False, keys[:n], slots, ids[: n * bpc], handle, self._after()))
+            self._submit(job)
         except BaseException:
             with self._lock:
-                directory.unpin(keys[:n])
+                assert self.directory is not None
+                self.directory.unpin(job.keys)
             raise
-        return handle
+
+    def _fetch_then_load(self, job: _Job, promote: list[tuple[int, bytes, int]]) -> None:
+        """Read L2 chunks into their reserved L1 slots, then load everything to the GPU. The
+        loaded prefix ends at the first chunk that failed to read back (a miss)."""
+        assert self.disk is not None and self.pool is not None
+        keys = [k for _, k, _ in promote]
+        addrs = [self.pool.address(slot) for _, _, slot in promote]
+
+        def done(ok: list[bool]) -> None:
+            good = next((i for i, g in enumerate(ok) if not g), len(ok))
+            assert self.directory is not None
+            with self._lock:
+                self.directory.commit_store(keys[:good], ok=True)
+                self.directory.commit_store(keys[good:], ok=False)
+                job.slots += self.directory.pin_for_load(keys[:good])
+                job.keys += keys[:good]
+            job.handle.tokens = len(job.keys) * self.config.chunk_tokens  # type: ignore[attr-defined]
+            try:
+                self._load(job)
+            except KVortexError as exc:  # closed meanwhile
+                job.handle._finish(exc)
+
+        self.disk.fetch(keys, addrs, done)
 
     # -- shutdown -----------------------------------------------------------------------------
 
@@ -309,6 +370,8 @@ class KVortexEngine:
                 self._queue.close()
         if self._thread is not None:
             self._thread.join()
+        if self.disk is not None:
+            self.disk.close()
         if self.mover is not None:
             self.mover.close()
         if self.pool is not None:
@@ -421,7 +484,33 @@ class KVortexEngine:
                 nbytes = len(job.slots) * self.mover.chunk_bytes
                 self._activity.moved(**{"stored" if job.to_host else "loaded": nbytes})
             self._tick()
+        if error is None and self.disk is not None:
+            # Stored chunks, and hits too: under "seen-twice" admission a chunk that stays hot
+            # in L1 is stored only once, so its second use is what admits it to disk.
+            self._write_through(job)
         job.handle._finish(error)
+
+    def _write_through(self, job: _Job) -> None:
+        """Offer a job's chunks (just stored, or just loaded from L1) to the disk tier; each
+        admitted one stays pinned in L1 until its write ended (its slot must not be reused
+        while the disk reads it)."""
+        assert self.disk is not None and self.pool is not None and self.directory is not None
+        with self._lock:
+            ready = [
+                (k, s) for k, s in zip(job.keys, job.slots, strict=True) if k in self.directory
+            ]
+            self.directory.pin_for_load([k for k, _ in ready])
+        pinned = [k for k, _ in ready]
+
+        def written(keys: list[bytes], ok: list[bool]) -> None:
+            with self._lock:
+                assert self.directory is not None
+                self.directory.unpin(keys)
+
+        admitted = self.disk.offer([(k, self.pool.address(s)) for k, s in ready], written)
+        rest = set(pinned) - set(admitted)
+        with self._lock:
+            self.directory.unpin([k for k in pinned if k in rest])
 
     def _abandon(self, job: _Job, error: BaseException) -> None:
         self._complete(job, error if isinstance(error, KVortexError) else TransferError(str(error)))

@@ -36,8 +36,18 @@ def collect(config: KVortexConfig | None = None, *, probe_cuda: bool = True) -> 
         "machine": _machine(),
         "cuda": _cuda() if probe_cuda else {"probed": False},
         "process_switches": {k: v for k, v in os.environ.items() if k in PROCESS_SWITCHES},
+        "disk_tier": _disk_tier(cfg),
         "config": cfg.to_dict(),
     }
+
+
+def _disk_tier(cfg: KVortexConfig) -> dict[str, Any]:
+    """The disk tier as configured: where, which filesystem, O_DIRECT or not, how full."""
+    if cfg.disk_path is None:
+        return {"enabled": False}
+    from kvortex.tiers.disk import probe
+
+    return {"enabled": True, **probe(cfg.disk_path, cfg.disk_bytes)}
 
 
 def _cuda_extension() -> dict[str, Any]:

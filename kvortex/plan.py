@@ -8,7 +8,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["ChunkOp", "RequestOps", "TransferPlan"]
+__all__ = ["ChunkOp", "DiskLocation", "DiskPlan", "RequestOps", "SegmentSeal", "TransferPlan"]
+
+
+@dataclass(frozen=True)
+class DiskLocation:
+    """Where a chunk's record lives in the disk tier: segment id, byte offset of its header,
+    payload bytes, and the sequence number in its header (the same on every TP rank)."""
+
+    segment: int
+    offset: int
+    payload: int
+    seq: int
 
 
 @dataclass(frozen=True)
@@ -17,12 +28,15 @@ class ChunkOp:
 
     ``skip_pages``: for a load, how many of the chunk's first blocks the engine already holds
     (its own prefix cache hit ends inside the chunk); those pages are left alone.
+    ``disk``: for a load, read the chunk from this disk record into ``slot`` first; for a
+    store, write it there once the copy into ``slot`` completed (write-through).
     """
 
     key: bytes
     slot: int
     block_ids: tuple[int, ...]
     skip_pages: int = 0
+    disk: DiskLocation | None = None
 
     @property
     def moved_block_ids(self) -> tuple[int, ...]:
@@ -62,3 +76,28 @@ class TransferPlan:
     @property
     def empty(self) -> bool:
         return not self.loads and not self.stores
+
+
+@dataclass(frozen=True)
+class SegmentSeal:
+    """A closed disk segment's records, for its index file."""
+
+    segment: int
+    payload: int
+    keys: tuple[bytes, ...]
+    offsets: tuple[int, ...]
+    seqs: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class DiskPlan:
+    """One step's disk-tier work besides loads and stores: chunks already in host memory to
+    write now (``slot`` -> ``disk``), segments to delete (evicted), segments to seal."""
+
+    writes: tuple[ChunkOp, ...] = ()
+    deletes: tuple[int, ...] = ()
+    seals: tuple[SegmentSeal, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not self.writes and not self.deletes and not self.seals

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import random
+from typing import Any
 
 import pytest
 import torch
@@ -41,7 +42,7 @@ def setup(name: str = "lbnhc", **cfg: object) -> tuple[SchedulerSide, WorkerSide
 
 def run_step(sched: SchedulerSide, worker: WorkerSide) -> tuple[set[str], set[str], set[int]]:
     out = sched.step()
-    worker.start(out.plan, out.async_loads, out.release_after_load)
+    worker.start(out.plan, out.async_loads, out.release_after_load, out.disk, out.disk_namespaces)
     worker.wait_sync_loads()
     sending, recving = worker.poll()
     errors = worker.take_load_errors()
@@ -245,3 +246,122 @@ def test_vllm_version_note(version: str, level: int) -> None:
     assert version in message and "0.15.1" in message and "0.33.0" in message
     if level == logging.WARNING and version != "dev":
         assert "outside the tested range" in message
+
+
+# -- the disk tier under the connector ----------------------------------------------------------
+
+
+def disk_setup(path: object, backend: str, l1_chunks: int = 3) -> tuple[SchedulerSide, WorkerSide]:
+    kv = LAYOUTS["lbnhc"](L, B, N, H, D, torch.float16, "cpu")
+    fill_random(kv, seed=1)
+    probe = WorkerSide(KVortexConfig.from_dict({"chunk_tokens": CHUNK}), N)
+    probe.register(kv)
+    assert probe.layout is not None
+    chunk_bytes = probe.layout.chunk_bytes(CHUNK // N)
+    probe.close()
+    config = KVortexConfig.from_dict(
+        {
+            "chunk_tokens": CHUNK,
+            "cpu_bytes": chunk_bytes * l1_chunks,
+            "disk_path": str(path),
+            "disk_admission": "all",
+            "backend": backend,
+        }
+    )
+    worker = WorkerSide(config, N)
+    worker.register(kv)
+    sched = SchedulerSide(
+        config, Namespace("m"), N, chunk_bytes, hold_blocks_while_loading=False, num_blocks=B
+    )
+    return sched, worker
+
+
+def until_idle(
+    sched: SchedulerSide, worker: WorkerSide, rounds: int = 50
+) -> tuple[set[str], set[int]]:
+    recving: set[str] = set()
+    errors: set[int] = set()
+    for _ in range(rounds):
+        _, r, e = run_step(sched, worker)
+        recving |= r
+        errors |= e
+        if worker.disk is not None:
+            worker.disk.wait_idle()
+        if not worker._loads and not worker._stores:
+            _, r, e = run_step(sched, worker)
+            return recving | r, errors | e
+    raise AssertionError("the worker never went idle")
+
+
+def test_prefix_comes_back_from_disk_through_the_async_path(
+    tmp_path: Any, engine_backend: str
+) -> None:
+    sched, worker = disk_setup(tmp_path, engine_backend)
+    prompts = {
+        name: [random.Random(seed).randrange(1000) for _ in range(64)]
+        for seed, name in enumerate("abcd")
+    }
+    expected = {}
+    for i, (name, tokens) in enumerate(prompts.items()):
+        src = [4 * i, 4 * i + 1, 4 * i + 2, 4 * i + 3]
+        expected[name] = blocks_bytes(worker, src)
+        assert sched.finished(name, tokens, 64, src) is True
+        until_idle(sched, worker)
+    # 8 chunks went through a host tier of 3: the first prompts live on disk only now.
+    assert sched.disk is not None and len(sched.disk) == 8
+    assert sched.directory.match(sched.namespace.chunk_keys(prompts["a"], CHUNK)) == 0
+    external, is_async = sched.matched_tokens("r", [*prompts["a"], 1], 65, 0)
+    assert (external, is_async) == (64, True)  # from disk: always asynchronous
+    dst = [40, 41, 42, 43, 44]
+    garble = [b"\x5a" * worker.layout.page_bytes] * worker.layout.num_planes  # type: ignore[union-attr]
+    for b in dst:
+        for p in worker.layout.planes:  # type: ignore[union-attr]
+            ctypes.memset(p.base + b * p.block_stride, 0x5A, worker.layout.page_bytes)  # type: ignore[union-attr]
+    sched.after_alloc("r", dst, external)
+    recving, errors = until_idle(sched, worker)
+    assert recving == {"r"} and not errors
+    assert blocks_bytes(worker, dst[:4]) == expected["a"]
+    assert blocks_bytes(worker, dst[4:]) == garble
+    # The promoted chunks are host-tier hits now.
+    assert sched.directory.match(sched._requests["r"].keys) == 2
+    assert sched.finished("r", [*prompts["a"], 1], 64, dst) is False
+    worker.close()
+
+
+def test_connector_disk_tier_survives_a_restart(tmp_path: Any, engine_backend: str) -> None:
+    sched, worker = disk_setup(tmp_path, engine_backend)
+    tokens = [random.Random(5).randrange(1000) for _ in range(64)]
+    expected = blocks_bytes(worker, [0, 1, 2, 3])
+    sched.finished("a", tokens, 64, [0, 1, 2, 3])
+    until_idle(sched, worker)
+    worker.close()
+    sched2, worker2 = disk_setup(tmp_path, engine_backend)
+    assert sched2.disk is not None and len(sched2.disk) == 2
+    external, is_async = sched2.matched_tokens("b", [*tokens, 3], 65, 0)
+    assert (external, is_async) == (64, True)
+    sched2.after_alloc("b", [30, 31, 32, 33, 34], external)
+    recving, errors = until_idle(sched2, worker2)
+    assert recving == {"b"} and not errors
+    assert blocks_bytes(worker2, [30, 31, 32, 33]) == expected
+    worker2.close()
+
+
+def test_a_bad_disk_record_is_a_load_error(tmp_path: Any, engine_backend: str) -> None:
+    sched, worker = disk_setup(tmp_path, engine_backend)
+    tokens = [random.Random(6).randrange(1000) for _ in range(64)]
+    sched.finished("a", tokens, 64, [0, 1, 2, 3])
+    until_idle(sched, worker)
+    worker.close()
+    for seg in sorted(tmp_path.glob("tp0of1/seg-*.kvx")):
+        raw = bytearray(seg.read_bytes())
+        raw[4096 + 10] ^= 0xFF  # a payload byte of the first record
+        seg.write_bytes(bytes(raw))
+    sched2, worker2 = disk_setup(tmp_path, engine_backend)
+    external, _ = sched2.matched_tokens("b", [*tokens, 3], 65, 0)
+    assert external == 64
+    sched2.after_alloc("b", [30, 31, 32, 33, 34], external)
+    recving, errors = until_idle(sched2, worker2)
+    assert recving == {"b"}
+    assert errors >= {30, 31}  # the first chunk's blocks: recomputed, never wrong bytes
+    assert sched2.disk is not None and sched2.disk.match(sched2._requests["b"].keys) == 0
+    worker2.close()

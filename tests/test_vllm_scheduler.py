@@ -428,3 +428,53 @@ def test_lora_and_multimodal_requests_are_neither_loaded_nor_stored(loops: Loops
         assert loop.connector.request_finished(other, list(range(5))) == (False, None)
     assert loop.side.directory.used == 2
     assert loop.side.pinned_count() == 0
+
+
+# -- the disk tier ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", RUNNER_MODES)
+def test_a_prefix_evicted_from_host_memory_comes_back_from_disk(
+    loops: Loops, tmp_path: Any, mode: str
+) -> None:
+    """A host tier of three chunks, a disk tier behind it: A's chunks are evicted from host
+    memory by later prompts, and B (A's prompt again) loads them from disk through vLLM's
+    asynchronous load path, byte for byte."""
+    probe = loops()
+    chunk_bytes = probe.side.chunk_bytes
+    extra = extra_config(cpu_bytes=3 * chunk_bytes, disk_path=str(tmp_path), disk_admission="all")
+    loop = loops(extra, mode=mode)
+    p = prompt(72)
+    loop.add("A", p, max_tokens=2)
+    loop.step()
+    reference = loop.snapshot("A", 64)
+    loop.run_until_idle()
+    for n, other in enumerate(("C", "D")):  # 4 more chunks through 3 host slots
+        store_prompt(loop, prompt(72, start=300 + 100 * n), other)
+    loop.wipe()
+    side = loop.side
+    assert side.disk is not None and len(side.disk) == 6
+    assert side.directory.match(side.namespace.chunk_keys(p, side.chunk)) == 0
+    for w in loop.workers:
+        disk = w.connector.worker_side.disk
+        assert disk is not None and disk.wait_idle()
+
+    loop.add("B", p, max_tokens=2)
+    so = loop.step()
+    assert new_reqs(so) == {}
+    assert so.kv_connector_metadata.async_loads == frozenset({"B"})
+    for _ in range(20):  # the disk read, then the copy, then the report
+        if loop.status("B") != WAITING_FOR_KV:
+            break
+        for w in loop.workers:
+            w.connector.worker_side.disk.wait_idle()
+        so = loop.step()
+    so = so if new_reqs(so) else loop.step()
+    assert new_reqs(so) == {"B": 64}
+    got = loop.snapshot("B", 64)
+    for want_layers, got_layers in zip(reference, got, strict=True):
+        for name in LAYERS:
+            assert torch.equal(got_layers[name], want_layers[name]), name
+    loop.run_until_idle()
+    assert loop.finish_reasons["B"] == "length"
+    loop.assert_clean()

@@ -720,7 +720,12 @@ class EngineLoop:
         return [s.plan for s in self.steps]
 
     def stored_keys(self) -> set[bytes]:
-        return {c.key for p in self.plans() for ops in p.stores for c in ops.chunks}
+        """Keys that entered the host tier: stored, or read back from the disk tier."""
+        stored = {c.key for p in self.plans() for ops in p.stores for c in ops.chunks}
+        promoted = {
+            c.key for p in self.plans() for ops in p.loads for c in ops.chunks if c.disk is not None
+        }
+        return stored | promoted
 
     def loaded_keys(self) -> set[bytes]:
         return {c.key for p in self.plans() for ops in p.loads for c in ops.chunks}

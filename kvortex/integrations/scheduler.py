@@ -31,8 +31,12 @@ from kvortex.directory import Directory, FreeListAllocator
 from kvortex.errors import ConfigError, InvalidArgumentError
 from kvortex.keys import Namespace
 from kvortex.layout import block_id_array
-from kvortex.plan import ChunkOp, TransferPlan
+from kvortex.plan import ChunkOp, DiskLocation, DiskPlan, SegmentSeal, TransferPlan
 from kvortex.stats import ActivityLog
+from kvortex.tiers.disk_index import DiskIndex, segment_bytes_for
+from kvortex.tiers.records import namespace_fingerprint, record_bytes
+from kvortex.tiers.segments import scan_directory
+from kvortex.tiers.shard import shard_directory
 
 __all__ = ["SchedulerSide", "StepOutput"]
 
@@ -58,6 +62,9 @@ class _Request:
     finished: bool = False
     storing: list[bytes] = field(default_factory=list)
     loaded_blocks: dict[int, bytes] = field(default_factory=dict)  # block id -> chunk key
+    promoting: list[bytes] = field(default_factory=list)  # read from disk into reserved slots
+    from_disk: set[bytes] = field(default_factory=set)
+    disk_pending: list[tuple[bytes, DiskLocation]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,8 @@ class StepOutput:
     async_loads: frozenset[str]
     preempted: frozenset[str]
     release_after_load: frozenset[str]
+    disk: DiskPlan = DiskPlan()  # noqa: RUF009 - frozen, immutable: one shared default is fine
+    disk_namespaces: tuple[bytes, ...] = ()
 
 
 class SchedulerSide:
@@ -121,6 +130,13 @@ class SchedulerSide:
         self.tp_size = tp_size
         self.activity = ActivityLog(config.log_interval_s)
         self._evictions_seen = 0
+        self.disk: DiskIndex | None = None
+        self.disk_namespaces: tuple[bytes, ...] = ()
+        self._disk_writes: list[ChunkOp] = []
+        self._disk_deletes: list[int] = []
+        self._disk_seals: list[SegmentSeal] = []
+        if config.disk_path is not None:
+            self._open_disk(config.disk_path)
         self._hold_while_loading = hold_blocks_while_loading
         self._requests: dict[str, _Request] = {}
         self._async: set[str] = set()
@@ -144,14 +160,17 @@ class SchedulerSide:
             return 0, False
         if new:
             self.activity.lookup(len(prompt), 0)
-        hit = self.directory.match(req.keys)
+        in_host = hit = self.directory.match(req.keys)
+        if self.disk is not None and hit < len(req.keys):
+            hit += self.disk.match(req.keys[hit:])
         # An in-step load may not cover the whole prompt: the engine must compute >= 1 token.
         hit = min(hit, (num_tokens - 1) // self.chunk)
         external = hit * self.chunk - num_computed
         if external <= 0:
             req.offer = None
             return 0, False
-        is_async = external >= self.config.async_load_min_tokens
+        # A read from disk never runs inside a step: the request waits for it asynchronously.
+        is_async = external >= self.config.async_load_min_tokens or hit > in_host
         req.offer = _Offer(num_computed, hit, is_async)
         return external, is_async
 
@@ -170,12 +189,18 @@ class SchedulerSide:
                 f"request {request_id}: the engine allocated {num_external} external tokens "
                 f"from {start}, but {last * self.chunk - start} were offered"
             )
-        keys = req.keys[first:last]
+        in_host = min(self.directory.match(req.keys), last)
+        keys = req.keys[first:in_host]
         slots = self.directory.pin_for_load(keys)
         req.pins.append(keys)
+        sources: list[tuple[bytes, int, DiskLocation | None]] = [
+            (k, s, None) for k, s in zip(keys, slots, strict=True)
+        ]
+        if last > in_host:  # the rest comes from disk, through host slots reserved here
+            sources += self._plan_promotion(req, max(first, in_host), last)
         bpc, skip_below = self.blocks_per_chunk, start // self.block_size
         ops = []
-        for n, (key, slot) in enumerate(zip(keys, slots, strict=True)):
+        for n, (key, slot, disk) in enumerate(sources):
             c = first + n
             ids = tuple(block_ids[c * bpc : (c + 1) * bpc])
             if len(ids) < bpc:
@@ -183,9 +208,12 @@ class SchedulerSide:
                     f"request {request_id} holds {len(block_ids)} blocks; chunk {c} needs "
                     f"blocks up to {(c + 1) * bpc}"
                 )
-            op = ChunkOp(key, slot, ids, skip_pages=min(bpc, max(0, skip_below - c * bpc)))
+            skip = min(bpc, max(0, skip_below - c * bpc))
+            op = ChunkOp(key, slot, ids, skip_pages=skip, disk=disk)
             ops.append(op)
             req.loaded_blocks.update(dict.fromkeys(op.moved_block_ids, key))
+            if disk is None:
+                self._write_hit(op)
         self.directory.add_load(request_id, ops)
         self.activity.hit(num_external)
         self.activity.moved(loaded=self._bytes(sum(len(op.moved_block_ids) for op in ops)))
@@ -224,9 +252,10 @@ class SchedulerSide:
             return False
         bpc = self.blocks_per_chunk
         ops = [
-            ChunkOp(key, slot, tuple(block_ids[i * bpc : (i + 1) * bpc]))
+            ChunkOp(key, slot, tuple(block_ids[i * bpc : (i + 1) * bpc]), disk=self._place(key))
             for i, key, slot in reservation.chunks
         ]
+        req.disk_pending = [(op.key, op.disk) for op in ops if op.disk is not None]
         self.directory.add_store(request_id, ops)
         req.storing = [op.key for op in ops]
         return True
@@ -241,11 +270,20 @@ class SchedulerSide:
             if req is not None:
                 req.loaded_blocks.clear()
         plan = self.directory.plan()
+        disk = DiskPlan()
+        if self.disk is not None:
+            self._seal_closed_segments()
+            disk = DiskPlan(
+                tuple(self._disk_writes), tuple(self._disk_deletes), tuple(self._disk_seals)
+            )
+            self._disk_writes, self._disk_deletes, self._disk_seals = [], [], []
         out = StepOutput(
             plan,
             frozenset(self._async),
             preempted,
             frozenset(self._release_after_load),
+            disk,
+            self.disk_namespaces,
         )
         self._async.clear()
         evictions = self.directory.evictions
@@ -268,6 +306,7 @@ class SchedulerSide:
             req = self._requests.get(rid)
             if req is None:
                 continue
+            self._promoted(req)
             req.loading = False
             if req.finished and not self._hold_while_loading:
                 self._forget(rid)
@@ -275,9 +314,16 @@ class SchedulerSide:
             req = self._requests.get(rid)
             if req is None:
                 continue
+            self._promoted(req)
             if req.storing:
                 self.directory.commit_store(req.storing, ok=True)
                 self.activity.moved(stored=len(req.storing) * self.chunk_bytes * self.tp_size)
+            if self.disk is not None and req.disk_pending:
+                # The workers queued these writes before reporting the store: any read
+                # planned from now on runs after them.
+                for key, loc in req.disk_pending:
+                    self.disk.commit(key, loc, ok=True)
+                req.disk_pending = []
             self._release_after_load.discard(rid)
             self._forget(rid)
 
@@ -288,6 +334,121 @@ class SchedulerSide:
         return sum(len(keys) for req in self._requests.values() for keys in req.pins)
 
     # -- internals ----------------------------------------------------------------------------
+
+    # -- disk tier ----------------------------------------------------------------------------
+
+    def _open_disk(self, disk_path: str) -> None:
+        """The disk tier's index, rebuilt from what every rank's directory holds: a record
+        counts only where each rank's shard of it is complete (same location and sequence)."""
+        rec = record_bytes(self.chunk_bytes)
+        segment_bytes = segment_bytes_for(self.config.disk_bytes, rec)
+        if self.config.disk_bytes < 2 * segment_bytes:
+            raise ConfigError(
+                f"disk_bytes={self.config.disk_bytes} cannot hold two segments of one "
+                f"{rec}-byte chunk record"
+            )
+        self.disk = DiskIndex(
+            self.config.disk_bytes, segment_bytes, admission=self.config.disk_admission
+        )
+        self._record = rec
+        self.disk_namespaces = tuple(
+            namespace_fingerprint(self.namespace.for_rank(r).encode()) for r in range(self.tp_size)
+        )
+        per_rank = []
+        for rank, fingerprint in enumerate(self.disk_namespaces):
+            found, _ = scan_directory(shard_directory(disk_path, rank, self.tp_size), fingerprint)
+            per_rank.append({seg: (size, entries) for seg, size, entries in found})
+        for segment in sorted(per_rank[0]):
+            if not all(segment in ranks for ranks in per_rank):
+                self._disk_deletes.append(segment)
+                continue
+            size = max(ranks[segment][0] for ranks in per_rank)
+            common = None
+            for ranks in per_rank:
+                e = ranks[segment][1]
+                e = e[e["payload"] == self.chunk_bytes]
+                rows = set(
+                    zip(e["key"].tolist(), e["offset"].tolist(), e["seq"].tolist(), strict=True)
+                )
+                common = rows if common is None else common & rows
+            rows_sorted = sorted(common or (), key=lambda r: r[2])
+            self.disk.restore(
+                segment,
+                size,
+                [bytes(k) for k, _, _ in rows_sorted],
+                [o for _, o, _ in rows_sorted],
+                [self.chunk_bytes] * len(rows_sorted),
+                [q for _, _, q in rows_sorted],
+            )
+        self._disk_deletes += self.disk.evict_over_capacity()
+        log.info(
+            "kvortex: disk tier %s: %d chunks restored (%d TP shard(s) each)",
+            disk_path,
+            len(self.disk),
+            self.tp_size,
+        )
+
+    def _place(self, key: bytes) -> DiskLocation | None:
+        """A disk location for ``key`` if the admission filter takes it (write-through)."""
+        if self.disk is None or not self.disk.admit(key):
+            return None
+        loc, evicted = self.disk.allocate(key, self.chunk_bytes, self._record)
+        self._disk_deletes += evicted
+        return loc
+
+    def _write_hit(self, op: ChunkOp) -> None:
+        """A chunk hit in host memory counts as a use: write it to disk if now admitted."""
+        loc = self._place(op.key)
+        if loc is None:
+            return
+        self._disk_writes.append(ChunkOp(op.key, op.slot, (), disk=loc))
+        assert self.disk is not None
+        self.disk.commit(op.key, loc, ok=True)  # queued by the workers this step, before reads
+
+    def _plan_promotion(
+        self, req: _Request, begin: int, end: int
+    ) -> list[tuple[bytes, int, DiskLocation | None]]:
+        """Host slots for chunks ``begin:end`` (on disk): reserved now, filled by the workers'
+        reads. A chunk that gets no slot, or left the disk, is planned from slot -1: the
+        worker reports its blocks as load errors and the engine recomputes them."""
+        assert self.disk is not None
+        reservation = self.directory.reserve_store(req.keys[:end])
+        slot_of = {key: slot for _, key, slot in reservation.chunks}
+        out: list[tuple[bytes, int, DiskLocation | None]] = []
+        for key in req.keys[begin:end]:
+            loc = self.disk.location(key)
+            slot = slot_of.get(key, -1)
+            if loc is None:
+                slot = -1
+            out.append((key, slot, loc))
+            if slot >= 0:
+                req.promoting.append(key)
+                req.from_disk.add(key)
+        unused = [k for k in slot_of if k not in req.promoting]
+        if unused:
+            self.directory.commit_store(unused, ok=False)
+        return out
+
+    def _promoted(self, req: _Request) -> None:
+        """The request's disk reads ended: the promoted chunks become host-tier hits (those
+        whose load failed were discarded and are dropped here)."""
+        if req.promoting:
+            self.directory.commit_store(req.promoting, ok=True)
+            req.promoting = []
+
+    def _seal_closed_segments(self) -> None:
+        assert self.disk is not None
+        for segment in self.disk.seal_candidates():
+            entries = self.disk.entries(segment)
+            self._disk_seals.append(
+                SegmentSeal(
+                    segment,
+                    self.chunk_bytes,
+                    tuple(k for k, _ in entries),
+                    tuple(loc.offset for _, loc in entries),
+                    tuple(loc.seq for _, loc in entries),
+                )
+            )
 
     def _bytes(self, pages: int) -> int:
         """Bytes moved for ``pages`` engine blocks' pages on every worker."""
@@ -332,6 +493,10 @@ class SchedulerSide:
         if failed:
             log.warning("kvortex: %d chunks failed to load; dropping them", len(failed))
             self.directory.discard(failed)
+            if self.disk is not None:
+                for req in self._requests.values():
+                    for key in failed & req.from_disk:
+                        self.disk.drop(key)
 
 
 def describe_namespace(fields: dict[str, Any]) -> str:

@@ -32,7 +32,7 @@ from kvortex.integrations.compat import vllm_version_note
 from kvortex.integrations.scheduler import SchedulerSide, describe_namespace
 from kvortex.integrations.worker import WorkerSide
 from kvortex.keys import Namespace
-from kvortex.plan import TransferPlan
+from kvortex.plan import DiskPlan, TransferPlan
 
 if TYPE_CHECKING:
     import torch
@@ -55,6 +55,8 @@ class KVortexMetadata(KVConnectorMetadata):  # type: ignore[misc]
     async_loads: frozenset[str] = frozenset()
     preempted: frozenset[str] = frozenset()
     release_after_load: frozenset[str] = frozenset()
+    disk: DiskPlan = DiskPlan()  # noqa: RUF009 - frozen, immutable: one shared default is fine
+    disk_namespaces: tuple[bytes, ...] = ()
 
 
 class KVortexConnector(KVConnectorBase_V1):  # type: ignore[misc]
@@ -127,7 +129,14 @@ class KVortexConnector(KVConnectorBase_V1):  # type: ignore[misc]
     def build_connector_meta(self, scheduler_output: Any) -> KVortexMetadata:
         preempted = getattr(scheduler_output, "preempted_req_ids", None) or ()
         out = self._scheduler().step(preempted)
-        return KVortexMetadata(out.plan, out.async_loads, out.preempted, out.release_after_load)
+        return KVortexMetadata(
+            out.plan,
+            out.async_loads,
+            out.preempted,
+            out.release_after_load,
+            out.disk,
+            out.disk_namespaces,
+        )
 
     def update_connector_output(self, connector_output: Any) -> None:
         self._scheduler().on_worker_output(
@@ -173,7 +182,13 @@ class KVortexConnector(KVConnectorBase_V1):  # type: ignore[misc]
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         if isinstance(meta, KVortexMetadata):
-            self._worker().start(meta.plan, meta.async_loads, meta.release_after_load)
+            self._worker().start(
+                meta.plan,
+                meta.async_loads,
+                meta.release_after_load,
+                meta.disk,
+                meta.disk_namespaces,
+            )
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         # The first layer's call orders the compute stream after the step's in-step loads

@@ -28,7 +28,8 @@ from kvortex.errors import (
 )
 from kvortex.layout import PagedLayout
 from kvortex.memory import HostSlabPool
-from kvortex.plan import RequestOps, TransferPlan
+from kvortex.plan import ChunkOp, DiskPlan, RequestOps, TransferPlan
+from kvortex.tiers.shard import DiskShard, shard_directory
 from kvortex.transfer import Mover, TransferHandle, resolve_path
 
 if TYPE_CHECKING:
@@ -44,6 +45,9 @@ class _InFlight:
     handle: TransferHandle | None  # None: nothing was copied (every chunk refused)
     ops: RequestOps
     slots_keys: list[tuple[int, bytes]] = field(default_factory=list)
+    # A load whose chunks come (partly) from disk: reads first, the GPU copy after them.
+    disk_reads: tuple[ChunkOp, ...] = ()
+    disk_ok: list[bool] | None = None  # set by the disk tier's I/O thread
 
 
 class WorkerSide:
@@ -83,6 +87,7 @@ class WorkerSide:
         self._release_after_load: set[str] = set()
         self._load_errors: set[int] = set()
         self._closed = False
+        self.disk: DiskShard | None = None
 
     def register(self, kv_caches: Mapping[str, torch.Tensor]) -> None:
         """Adopt the engine's KV tensors; build the layout, the pool and the mover.
@@ -132,19 +137,29 @@ class WorkerSide:
         plan: TransferPlan,
         async_loads: Iterable[str] = (),
         release_after_load: Iterable[str] = (),
+        disk: DiskPlan | None = None,
+        disk_namespaces: tuple[bytes, ...] = (),
     ) -> None:
-        """Launch this step's stores and loads (all asynchronous on the device)."""
+        """Launch this step's stores and loads (all asynchronous on the device) and queue its
+        disk-tier work (``disk``; ``disk_namespaces``: every rank's record namespace)."""
         if self._closed:
             raise EngineClosedError("this connector worker is closed")
         if self.mover is None:
             if not plan.empty:
                 raise KVortexError("a transfer plan arrived before register_kv_caches")
             return
+        if disk_namespaces and self.disk is None:
+            self._open_disk(disk_namespaces)
+        if disk is not None and self.disk is not None and not disk.empty:
+            self._start_disk(disk)
         self._release_after_load.update(release_after_load)
         asynchronous = set(async_loads)
         for ops in plan.stores:
             self._start_store(ops)
         for ops in plan.loads:
+            if any(c.disk is not None for c in ops.chunks):
+                self._loads[ops.request_id] = self._start_disk_load(ops)
+                continue
             flight = self._start_load(ops)
             if ops.request_id in asynchronous:
                 self._loads[ops.request_id] = flight
@@ -199,6 +214,8 @@ class WorkerSide:
     def close(self) -> None:
         """Let in-flight copies land, then free the host pool. Final and idempotent."""
         self._closed = True
+        if self.disk is not None:
+            self.disk.close()
         if self.mover is not None:
             self.mover.close()
         if self.pool is not None:
@@ -206,17 +223,85 @@ class WorkerSide:
 
     # -- internals ----------------------------------------------------------------------------
 
+    def _open_disk(self, namespaces: tuple[bytes, ...]) -> None:
+        assert self.config.disk_path is not None
+        directory = shard_directory(self.config.disk_path, self.rank, len(namespaces))
+        self.disk = DiskShard(directory, namespaces[self.rank], backend=self.config.backend)
+
+    def _start_disk(self, plan: DiskPlan) -> None:
+        """Queue segment deletions, writes of chunks held in host slots, and seals."""
+        assert self.disk is not None and self.pool is not None
+        self.disk.delete(plan.deletes)
+        writes = [
+            (c.key, c.slot, self.pool.address(c.slot), c.disk)
+            for c in plan.writes
+            if c.disk is not None and self._slot_keys.get(c.slot) == c.key
+        ]
+        self.disk.write(writes)
+        for seal in plan.seals:
+            self.disk.seal(seal)
+
+    def _start_disk_load(self, ops: RequestOps) -> _InFlight:
+        """Read the chunks that come from disk into their host slots; :meth:`poll` launches
+        the GPU copy of the whole request once the reads ended."""
+        reads = tuple(c for c in ops.chunks if c.disk is not None and c.slot >= 0)
+        for c in ops.chunks:
+            if c.disk is not None and c.slot < 0:  # the scheduler found no slot for it
+                self._load_errors.update(c.moved_block_ids)
+        rest = tuple(c for c in ops.chunks if c.disk is None)
+        flight = _InFlight(None, RequestOps(ops.request_id, rest), disk_reads=reads)
+        if self.disk is None or self.pool is None:
+            flight.disk_ok = [False] * len(reads)
+            return flight
+        for c in reads:
+            self._slot_keys.pop(c.slot, None)  # being filled: trust it once the read checked
+        pool = self.pool
+
+        def done(ok: list[bool]) -> None:
+            flight.disk_ok = ok
+
+        self.disk.read([(c.key, pool.address(c.slot), c.disk) for c in reads if c.disk], done)
+        if not reads:
+            flight.disk_ok = []
+        return flight
+
+    def _after_disk_reads(self, flight: _InFlight) -> None:
+        """The reads ended: trust what checked out, report the rest, launch the GPU copy."""
+        assert flight.disk_ok is not None
+        good = []
+        for c, ok in zip(flight.disk_reads, flight.disk_ok, strict=True):
+            if ok:
+                self._slot_keys[c.slot] = c.key
+                good.append(ChunkOp(c.key, c.slot, c.block_ids, c.skip_pages))
+            else:
+                self._load_errors.update(c.moved_block_ids)
+        ops = RequestOps(flight.ops.request_id, flight.ops.chunks + tuple(good))
+        launched = self._start_load(ops)
+        flight.handle, flight.ops, flight.disk_reads = launched.handle, launched.ops, ()
+
     def _start_store(self, ops: RequestOps) -> None:
         assert self.mover is not None
         slots_keys = [(c.slot, c.key) for c in ops.chunks]
         for slot, _ in slots_keys:
             self._slot_keys.pop(slot, None)  # being rewritten: holds nothing trustworthy
+            if self.disk is not None and not self.disk.wait_slot(slot):
+                log.warning("kvortex: a disk write still reads host slot %d; overwriting", slot)
         handle = None
         try:
             handle = self.mover.store(ops.block_ids, ops.slots)
         except KVortexError as exc:
             log.warning("kvortex: store of %s failed: %s", ops.request_id, exc)
         self._stores[ops.request_id] = _InFlight(handle, ops, slots_keys)
+
+    def _write_through(self, ops: RequestOps) -> None:
+        """Queue the disk writes planned with a store, now that its copy landed (before the
+        store is reported finished, so reads planned after that run after these writes)."""
+        if self.disk is None or self.pool is None:
+            return
+        pool = self.pool
+        self.disk.write(
+            [(c.key, c.slot, pool.address(c.slot), c.disk) for c in ops.chunks if c.disk]
+        )
 
     def _start_load(self, ops: RequestOps) -> _InFlight:
         assert self.mover is not None
@@ -244,6 +329,10 @@ class WorkerSide:
 
     def _settled(self, flight: _InFlight, *, store: bool) -> bool:
         """True once the transfer ended; records its outcome."""
+        if flight.disk_reads:
+            if flight.disk_ok is None:
+                return False  # still reading from disk
+            self._after_disk_reads(flight)
         if flight.handle is not None:
             try:
                 if not flight.handle.done():
@@ -256,6 +345,7 @@ class WorkerSide:
             ok = not store  # a store that never started stored nothing
         if store and ok and flight.handle is not None:
             self._slot_keys.update(flight.slots_keys)
+            self._write_through(flight.ops)
         if not store and not ok:
             self._load_errors.update(b for c in flight.ops.chunks for b in c.moved_block_ids)
         return True
