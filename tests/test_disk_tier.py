@@ -446,3 +446,28 @@ def test_kill_9_leaves_only_complete_records(tmp_path: Path, engine_backend: str
                 assert all(bool((t[dst[i]] == want).all()) for t in kv.values()), (seed, i)
             served += r.tokens
     assert served > 0
+
+
+def test_kvortex_info_shows_the_disk_tier(tmp_path: Path, engine_backend: str) -> None:
+    from kvortex.config import KVortexConfig
+    from kvortex.info import collect
+
+    with make_engine(tmp_path, engine_backend) as engine:
+        store_many(engine, 2)
+    report = collect(
+        KVortexConfig.from_dict({"disk_path": str(tmp_path), "disk_bytes": "1GiB"}),
+        probe_cuda=False,
+    )
+    disk = report["disk_tier"]
+    assert disk["enabled"] and disk["exists"] and disk["path"] == str(tmp_path)
+    assert disk["filesystem"] not in ("", "unknown")
+    assert disk["direct_io"] in (True, False)
+    assert disk["capacity"] == 1 << 30
+    on_disk = sum(p.stat().st_size for p in segment_files(tmp_path))
+    assert disk["used"] == on_disk > 0 and disk["segments"] == len(segment_files(tmp_path))
+    off = collect(KVortexConfig(), probe_cuda=False)["disk_tier"]
+    assert off == {"enabled": False}
+    missing = collect(
+        KVortexConfig.from_dict({"disk_path": str(tmp_path / "not-yet")}), probe_cuda=False
+    )["disk_tier"]
+    assert missing["enabled"] and not missing["exists"] and missing["used"] == 0
