@@ -7,14 +7,15 @@ every worker inside the scheduler output) and cannot be changed after it was bui
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = ["ChunkOp", "DiskLocation", "DiskPlan", "RequestOps", "SegmentSeal", "TransferPlan"]
 
 
-@dataclass(frozen=True)
-class DiskLocation:
+class DiskLocation(NamedTuple):
     """Where a chunk's record lives in the disk tier: segment id, byte offset of its header,
-    payload bytes, and the sequence number in its header (the same on every TP rank)."""
+    payload bytes, and the sequence number in its header (the same on every TP rank). A named
+    tuple: a restart builds one per record, a million in well under a second."""
 
     segment: int
     offset: int

@@ -142,3 +142,52 @@ def test_pool_close_during_a_transfer_being_prepared(path: str) -> None:
     torch.cuda.synchronize()
     host = torch.frombuffer(bytearray(view[: layout.chunk_bytes(4)]), dtype=torch.uint8)
     assert sorted(host.numpy().tobytes()) == sorted(expected.numpy().tobytes())
+
+
+@pytest.mark.parametrize("path", ["dma", "kernel"])
+def test_engine_disk_tier_on_gpu(path: str, tmp_path: object) -> None:
+    """CUDA KV, a host tier of two chunks, the disk tier behind it: a prompt evicted from
+    host memory comes back from disk into the GPU blocks, bit for bit; and after a restart."""
+    from kvortex.layout import PagedLayout
+
+    name = "blnhc"
+    kv = LAYOUTS[name](L, B, N, H, D, torch.bfloat16, "cuda")
+    fill_random(kv, seed=13)
+    chunk_bytes = PagedLayout.from_kv_caches(kv, N).chunk_bytes(CHUNK // N)
+    config = {
+        "chunk_tokens": CHUNK,
+        "cpu_bytes": 2 * chunk_bytes,
+        "disk_path": str(tmp_path),
+        "disk_admission": "all",
+    }
+    rng = random.Random(6)
+    prompts = [[rng.randrange(50_000) for _ in range(128)] for _ in range(3)]  # 2 chunks each
+    src = list(range(0, 8))
+    expected = []
+    with KVortexEngine(config, model="gpu-disk", transfer_path=path) as engine:
+        engine.register_kv_caches(kv, N)
+        for p in prompts:
+            fill_random(kv, seed=len(expected) + 20)
+            expected.append([[block(t, name, b).clone() for t in kv.values()] for b in src])
+            engine.store(p, src).wait(30)
+            assert engine.disk is not None and engine.disk.wait_idle(30)
+        dst = list(range(60, 68))
+        r = engine.retrieve(prompts[0], dst)  # evicted from host memory: from disk
+        r.wait(30)
+        assert r.tokens == 128 and engine.disk.read_chunks >= 2
+        for i, b in enumerate(dst):
+            for j, t in enumerate(kv.values()):
+                assert torch.equal(block(t, name, b), expected[0][i][j]), (i, j)
+    with KVortexEngine(config, model="gpu-disk", transfer_path=path) as again:
+        again.register_kv_caches(kv, N)
+        for k, p in enumerate(prompts):
+            dst = list(range(70, 78))
+            for b in dst:
+                for t in kv.values():
+                    block(t, name, b).fill_(-3)
+            r = again.retrieve(p, dst)
+            r.wait(30)
+            assert r.tokens == 128
+            for i, b in enumerate(dst):
+                for j, t in enumerate(kv.values()):
+                    assert torch.equal(block(t, name, b), expected[k][i][j]), (k, i, j)

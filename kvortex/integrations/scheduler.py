@@ -33,7 +33,7 @@ from kvortex.keys import Namespace
 from kvortex.layout import block_id_array
 from kvortex.plan import ChunkOp, DiskLocation, DiskPlan, SegmentSeal, TransferPlan
 from kvortex.stats import ActivityLog
-from kvortex.tiers.disk_index import DiskIndex, segment_bytes_for
+from kvortex.tiers.disk_index import DiskIndex, no_cycle_collection, segment_bytes_for
 from kvortex.tiers.records import namespace_fingerprint, record_bytes
 from kvortex.tiers.segments import scan_directory
 from kvortex.tiers.shard import shard_directory
@@ -354,6 +354,17 @@ class SchedulerSide:
         self.disk_namespaces = tuple(
             namespace_fingerprint(self.namespace.for_rank(r).encode()) for r in range(self.tp_size)
         )
+        with no_cycle_collection():
+            self._restore_disk(disk_path)
+        log.info(
+            "kvortex: disk tier %s: %d chunks restored (%d TP shard(s) each)",
+            disk_path,
+            len(self.disk),
+            self.tp_size,
+        )
+
+    def _restore_disk(self, disk_path: str) -> None:
+        assert self.disk is not None
         per_rank = []
         for rank, fingerprint in enumerate(self.disk_namespaces):
             found, _ = scan_directory(shard_directory(disk_path, rank, self.tp_size), fingerprint)
@@ -381,12 +392,6 @@ class SchedulerSide:
                 [q for _, _, q in rows_sorted],
             )
         self._disk_deletes += self.disk.evict_over_capacity()
-        log.info(
-            "kvortex: disk tier %s: %d chunks restored (%d TP shard(s) each)",
-            disk_path,
-            len(self.disk),
-            self.tp_size,
-        )
 
     def _place(self, key: bytes) -> DiskLocation | None:
         """A disk location for ``key`` if the admission filter takes it (write-through)."""

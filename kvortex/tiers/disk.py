@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from kvortex.errors import ConfigError
-from kvortex.tiers.disk_index import DiskIndex, Location, segment_bytes_for
+from kvortex.tiers.disk_index import DiskIndex, Location, no_cycle_collection, segment_bytes_for
 from kvortex.tiers.records import namespace_fingerprint, record_bytes
 from kvortex.tiers.segments import DiskTierError, ReadJob, SegmentStore, WriteJob
 
@@ -212,6 +212,13 @@ class DiskTier:
         self._jobs.put(job)
 
     def _rebuild(self) -> int:
+        # A million records allocate millions of small objects, none of them cyclic: without
+        # this the cycle collector runs over the growing heap again and again (measured: 1M
+        # records 2.8 s instead of under 1 s).
+        with no_cycle_collection():
+            return self._restore_all()
+
+    def _restore_all(self) -> int:
         for segment, size, entries in self.store.scan():
             mine = entries[entries["payload"] == self.payload_bytes]
             raw = mine["key"].tobytes()  # one copy, then 32-byte slices: fast for 1M records
