@@ -24,6 +24,7 @@ import mmap
 import os
 import re
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ import numpy as np
 
 from kvortex import diskio
 from kvortex.errors import KVortexError
+from kvortex.tiers.faults import RateLimitedLog
 from kvortex.tiers.records import (
     ENTRY_DTYPE,
     HEADER_BYTES,
@@ -109,6 +111,7 @@ class SegmentStore:
         self.direct = diskio.direct_io_supported(self.directory)
         self.backend = backend
         self._io = diskio.BatchIO(_BATCH * 2, backend=backend)
+        self._payloads = ThreadPoolExecutor(1, thread_name_prefix="kvortex-disk-payload")
         # Page-aligned scratch for headers (O_DIRECT needs aligned buffers): one per record.
         self._scratch = mmap.mmap(-1, HEADER_BYTES * _BATCH)
         self._scratch_ref: ctypes.c_char | None = ctypes.c_char.from_buffer(self._scratch)
@@ -141,6 +144,7 @@ class SegmentStore:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        self._payloads.shutdown()
         self._io.close()
         self._scratch_ref = None  # the buffer export must go before the mapping can close
         self._scratch.close()
@@ -156,34 +160,52 @@ class SegmentStore:
         return results
 
     def _write_batch(self, jobs: Sequence[WriteJob]) -> list[bool]:
-        ops: list[diskio.IOOp] = []
-        ok = [True] * len(jobs)
-        view = memoryview(self._scratch)
-        for i, job in enumerate(jobs):
+        """Payloads first, checksummed while they are in flight, then the headers: the CRC-32
+        of a large chunk costs as much as writing it, so the two overlap (both release the GIL)
+        and a record becomes valid only once its header lands after its payload."""
+        fds: list[int] = []
+        for job in jobs:
             try:
-                fd = self._fd(job.segment, create=True)
+                fds.append(self._fd(job.segment, create=True))
             except OSError as exc:
                 self._fault("open", exc)
-                ok[i] = False
-                ops.append((True, -1, 0, 0, 0))
-                continue
-            crc = diskio.crc32(job.address, job.payload, backend=self.backend)
-            header = Header(self.namespace, job.key, job.payload, crc, job.seq)
-            pack_header(header, view[i * HEADER_BYTES : (i + 1) * HEADER_BYTES])
-            ops.append((True, fd, job.offset, self._scratch_addr + i * HEADER_BYTES, HEADER_BYTES))
+                fds.append(-1)
         padded = [record_bytes(j.payload) - HEADER_BYTES for j in jobs]
         payload_ops: list[diskio.IOOp] = [
-            (True, op[1], job.offset + HEADER_BYTES, job.address, size)
-            for op, job, size in zip(ops, jobs, padded, strict=True)
+            (True, fd, job.offset + HEADER_BYTES, job.address, size)
+            for fd, job, size in zip(fds, jobs, padded, strict=True)
+            if fd >= 0
         ]
-        done = self._io.run([op for op in ops + payload_ops if op[1] >= 0])
-        it = iter(done)
-        head_res = [next(it) if op[1] >= 0 else -errno.EBADF for op in ops]
-        body_res = [next(it) if op[1] >= 0 else -errno.EBADF for op in payload_ops]
-        for i, (h, b) in enumerate(zip(head_res, body_res, strict=True)):
-            if ok[i] and (h != HEADER_BYTES or b != padded[i]):
-                ok[i] = False
-                self._fault("write", OSError(-min(h, b, 0) or errno.EIO, "short write"))
+        in_flight = self._payloads.submit(self._io.run, payload_ops)
+        view = memoryview(self._scratch)
+        head_ops: dict[int, diskio.IOOp] = {}
+        for i, (fd, job) in enumerate(zip(fds, jobs, strict=True)):
+            if fd < 0:
+                continue
+            crc = diskio.crc32(job.address, job.payload, backend=self.backend)
+            pack_header(
+                Header(self.namespace, job.key, job.payload, crc, job.seq),
+                view[i * HEADER_BYTES : (i + 1) * HEADER_BYTES],
+            )
+            head_ops[i] = (
+                True,
+                fd,
+                job.offset,
+                self._scratch_addr + i * HEADER_BYTES,
+                HEADER_BYTES,
+            )
+        body = iter(in_flight.result())
+        body_res = {i: next(body) for i in head_ops}
+        # A record whose payload failed gets no header: it stays invalid on disk.
+        landed = [i for i in head_ops if body_res[i] == padded[i]]
+        head_res = dict(zip(landed, self._io.run([head_ops[i] for i in landed]), strict=True))
+        ok = [False] * len(jobs)
+        for i in head_ops:
+            result = head_res.get(i, body_res[i])
+            if i in head_res and result == HEADER_BYTES:
+                ok[i] = True
+            else:
+                self._fault("write", OSError(-min(result, 0) or errno.EIO, "short write"))
         return ok
 
     def read(self, jobs: Sequence[ReadJob]) -> list[bool]:
@@ -325,25 +347,4 @@ def _scan_headers(path: Path, size: int) -> tuple[np.ndarray, int]:
     return np.array(rows, dtype=ENTRY_DTYPE), 0
 
 
-class _RateLimitedLog:
-    """One warning per kind of fault per minute, with the count since the last one."""
-
-    def __init__(self, every_s: float = 60.0) -> None:
-        self.every_s = every_s
-        self._last: dict[str, float] = {}
-        self._count: dict[str, int] = {}
-
-    def warn(self, kind: str, message: str) -> None:
-        import time
-
-        now = time.monotonic()
-        self._count[kind] = self._count.get(kind, 0) + 1
-        last = self._last.get(kind)
-        if last is not None and now - last < self.every_s:
-            return
-        self._last[kind] = now
-        count, self._count[kind] = self._count[kind], 0
-        log.warning("%s%s", message, f" ({count} since the last report)" if count > 1 else "")
-
-
-_RATE_LIMITED = _RateLimitedLog()
+_RATE_LIMITED = RateLimitedLog()
