@@ -91,6 +91,17 @@ def _print_info(report: dict[str, Any]) -> None:
             + ("" if disk["exists"] else "; directory not created yet")
             + (f"; {disk['problem']}" if "problem" in disk else "")
         )
+    remote = report["remote_tier"]
+    if not remote["enabled"]:
+        print("shared tier: off (no remote_url)")
+    elif remote["reachable"]:
+        print(
+            f"shared tier: {remote['url']} reachable ({remote['mode']}, {remote['server']}, "
+            f"{remote['masters']} master(s), {remote['replicas']} replica(s), ping "
+            f"{remote['ping_ms']:.2f} ms)"
+        )
+    else:
+        print(f"shared tier: {remote['url']} NOT reachable ({remote['problem']})")
     print("config:")
     for key, value in report["config"].items():
         note = ""

@@ -49,6 +49,15 @@ PROCESS_SWITCHES: dict[str, str] = {
         "`1`: the test suite fails instead of skipping when the native core or the CUDA copy "
         "engine did not build; CI sets it."
     ),
+    "KVORTEX_REMOTE_PASSWORD": (
+        "Password of the shared tier when `remote_url` carries none (the user name, if any, "
+        "stays in the URL): configuration files then hold no secret. Never logged; `kvortex "
+        "info` shows `***`."
+    ),
+    "KVORTEX_REQUIRE_REDIS": (
+        "`1`: the shared-tier tests fail instead of skipping when `redis-server` or the "
+        "`redis` package is missing; CI sets it."
+    ),
     "KVORTEX_REQUIRE_VLLM": (
         "`1`: the vLLM connector tests fail instead of skipping when `vllm` cannot be imported "
         "(`scripts/test-vllm.sh` sets it)."
@@ -259,6 +268,16 @@ def _disk_size(key: str, value: object) -> int:
     return size
 
 
+def _remote_url(key: str, value: object) -> str | None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    from kvortex.tiers.redis_servers import parse_url  # no redis import: the URL is only read
+
+    parse_url(value, key=key)
+    assert isinstance(value, str)
+    return value.strip()
+
+
 def _path_text(key: str, text: str) -> object:
     return None if text.strip().lower() in ("", "none") else text
 
@@ -414,6 +433,42 @@ class KVortexConfig:
         "bytes of `all` for an equal or better hit ratio, docs/PERF.md) or `all` (every "
         "stored chunk).",
     )
+    remote_url: str | None = _key(
+        None,
+        _remote_url,
+        "Shared tier (L3) on Redis or Valkey; none (the default) means no shared tier. "
+        "`redis://host:6379/0`, `rediss://` (TLS), `redis+cluster://` or `rediss+cluster://` "
+        "(a Redis Cluster, any node; a `redis://` URL of a cluster node is detected). Keep the "
+        "password out of the URL: `redis://user@host` takes it from `KVORTEX_REMOTE_PASSWORD`; "
+        "logs and `kvortex info` never show it. TLS options as query parameters: "
+        "`ssl_ca_certs`, `ssl_certfile`, `ssl_keyfile`, `ssl_cert_reqs`, `ssl_check_hostname`.",
+        _path_text,
+    )
+    remote_timeout_ms: int = _key(
+        200,
+        _int(1, 60000),
+        "Time budget of one shared-tier lookup, and the connect timeout, in milliseconds (1 to "
+        "60000): a lookup that takes longer is a miss. A server that fails 3 times in a row "
+        "is not contacted for 0.5 s, doubling up to 30 s (its chunks are misses meanwhile).",
+        _int_text,
+    )
+    remote_write: str = _key(
+        "seen-twice",
+        _choice("all", "seen-twice", "none"),
+        "Which chunks are written to the shared tier: `seen-twice` (a chunk the second time "
+        "this process offers it: hot prefixes such as system prompts reach every instance, "
+        "one-off prompts cost no network and no server memory, and a 4096-token prompt of an "
+        "8B model is 512 MiB), `all` (every chunk) or `none` (read only: use what other "
+        "processes wrote). A chunk the server already holds is never sent again.",
+    )
+    remote_ttl_s: int | None = _key(
+        None,
+        _optional_int(1),
+        "Expiry of shared-tier chunks in seconds, renewed when a chunk is read or offered "
+        "again; none (the default) leaves forgetting to the server (run it with `maxmemory` "
+        "and `maxmemory-policy allkeys-lru`).",
+        _int_text,
+    )
     log_interval_s: float = _key(
         10.0,
         _seconds,
@@ -538,3 +593,16 @@ class KVortexConfig:
     def to_dict(self) -> dict[str, Any]:
         """The configuration as a plain dict (round-trips through :meth:`from_dict`)."""
         return dataclasses.asdict(self)
+
+    def redacted(self) -> dict[str, Any]:
+        """:meth:`to_dict` for reports and logs: a password in ``remote_url`` shown as ``***``."""
+        shown = self.to_dict()
+        if self.remote_url is not None:
+            from kvortex.tiers.redis_servers import redacted_url
+
+            shown["remote_url"] = redacted_url(self.remote_url)
+        return shown
+
+    def __repr__(self) -> str:  # dataclass keeps this one: a repr never shows a password
+        fields = ", ".join(f"{key}={value!r}" for key, value in self.redacted().items())
+        return f"{type(self).__name__}({fields})"

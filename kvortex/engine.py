@@ -15,6 +15,7 @@ final: every later call raises :class:`EngineClosedError`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Mapping, Sequence
@@ -38,6 +39,11 @@ from kvortex.memory import HostSlabPool
 from kvortex.queue import SPSCQueue
 from kvortex.stats import ActivityLog
 from kvortex.tiers.disk import DiskTier
+
+if TYPE_CHECKING:
+    from kvortex.tiers.redis import RemoteTier
+
+    Tier = DiskTier | RemoteTier
 from kvortex.transfer import Mover, resolve_path
 
 if TYPE_CHECKING:
@@ -152,6 +158,8 @@ class KVortexEngine:
         self.pool: HostSlabPool | None = None
         self.mover: Mover | None = None
         self.disk: DiskTier | None = None
+        self.remote: RemoteTier | None = None
+        self.tiers: list[Tier] = []  # below the host tier, in lookup order
         self._queue: SPSCQueue[_Job | None] | None = None
         self._thread: threading.Thread | None = None
         self._activity = ActivityLog(self.config.log_interval_s)
@@ -198,7 +206,7 @@ class KVortexEngine:
 
     def _build(self, layout: PagedLayout, bpc: int, chunk_bytes: int, num_slots: int) -> None:
         """Build pool, mover, queue and thread; on any failure release what was built."""
-        pool = mover = disk = None
+        pool = mover = disk = remote = None
         try:
             pool = HostSlabPool.for_config(self.config, chunk_bytes, num_slots)
             mover = Mover(layout, pool, bpc, path=self._transfer_path)
@@ -216,8 +224,22 @@ class KVortexEngine:
                     admission=self.config.disk_admission,
                     backend=self.config.backend,
                 )
+            if self.config.remote_url is not None:
+                from kvortex.tiers.redis import RemoteTier  # only shared-tier users need redis
+
+                remote = RemoteTier(
+                    self.config.remote_url,
+                    namespace.encode(),
+                    chunk_bytes,
+                    timeout_ms=self.config.remote_timeout_ms,
+                    ttl_s=self.config.remote_ttl_s,
+                    write=self.config.remote_write,
+                    backend=self.config.backend,
+                )
             thread = threading.Thread(target=self._run, name="kvortex-mover", daemon=True)
         except BaseException:
+            if remote is not None:
+                remote.close()
             if disk is not None:
                 disk.close()
             if mover is not None:
@@ -225,7 +247,8 @@ class KVortexEngine:
             if pool is not None:
                 pool.close()
             raise
-        self.disk = disk
+        self.disk, self.remote = disk, remote
+        self.tiers = [t for t in (disk, remote) if t is not None]
         self.pool, self.mover, self._queue = pool, mover, queue
         self.directory, self.namespace, self.layout = directory, namespace, layout
         self._thread = thread
@@ -243,8 +266,9 @@ class KVortexEngine:
         keys = self._keys(tokens)
         with self._lock:
             n = self.directory.match(keys)
-        if self.disk is not None and n < len(keys):
-            n += self.disk.match(keys[n:])
+        for tier in self.tiers:
+            if n < len(keys):
+                n += tier.match(keys[n:])
         hit = n * self.config.chunk_tokens
         with self._lock:
             self._activity.lookup(len(keys) * self.config.chunk_tokens, hit)
@@ -303,15 +327,21 @@ class KVortexEngine:
             n = directory.match(keys)
             slots = directory.pin_for_load(keys[:n])
         promote: list[tuple[int, bytes, int]] = []
-        if self.disk is not None and n < len(keys):
-            on_disk = self.disk.match(keys[n:])
-            if on_disk:
-                with self._lock:  # L1 slots for the disk part; the chain is protected
-                    promote = list(directory.reserve_store(keys[: n + on_disk]).chunks)
+        sources: list[tuple[Tier, int]] = []  # (tier, chunks from it), after the host tier
+        end = n
+        for tier in self.tiers:
+            if end < len(keys):
+                found = tier.match(keys[end:])
+                if found:
+                    sources.append((tier, found))
+                    end += found
+        if end > n:
+            with self._lock:  # L1 slots for the lower tiers' part; the chain is protected
+                promote = list(directory.reserve_store(keys[:end]).chunks)
         handle = RetrieveHandle((n + len(promote)) * self.config.chunk_tokens)
         job = _Job(False, keys[:n], slots, ids, handle, self._after() if n or promote else None)
         if promote:
-            self._fetch_then_load(job, promote)
+            self._fetch_then_load(job, promote, sources)
         elif n == 0:
             handle._finish()
         else:
@@ -333,14 +363,29 @@ class KVortexEngine:
                 self.directory.unpin(job.keys)
             raise
 
-    def _fetch_then_load(self, job: _Job, promote: list[tuple[int, bytes, int]]) -> None:
-        """Read L2 chunks into their reserved L1 slots, then load everything to the GPU. The
-        loaded prefix ends at the first chunk that failed to read back (a miss)."""
-        assert self.disk is not None and self.pool is not None
+    def _fetch_then_load(
+        self,
+        job: _Job,
+        promote: list[tuple[int, bytes, int]],
+        sources: list[tuple[Tier, int]],
+    ) -> None:
+        """Read lower-tier chunks into their reserved L1 slots, then load everything to the
+        GPU. The loaded prefix ends at the first chunk that failed to read back (a miss)."""
+        assert self.pool is not None
         keys = [k for _, k, _ in promote]
         addrs = [self.pool.address(slot) for _, _, slot in promote]
+        ok: list[bool] = [False] * len(keys)
+        parts: list[tuple[Tier, int, int]] = []  # tier, first, end (indexes into keys)
+        first = 0
+        for tier, count in sources:
+            end = min(first + count, len(keys))
+            if end > first:
+                parts.append((tier, first, end))
+            first = end
+        remaining = [len(parts)]
+        lock = threading.Lock()
 
-        def done(ok: list[bool]) -> None:
+        def finish() -> None:
             good = next((i for i, g in enumerate(ok) if not g), len(ok))
             assert self.directory is not None
             with self._lock:
@@ -354,7 +399,18 @@ class KVortexEngine:
             except KVortexError as exc:  # closed meanwhile
                 job.handle._finish(exc)
 
-        self.disk.fetch(keys, addrs, done)
+        def part_done(first: int, results: list[bool]) -> None:
+            ok[first : first + len(results)] = results
+            with lock:
+                remaining[0] -= 1
+                last = remaining[0] == 0
+            if last:
+                finish()
+
+        if not parts:
+            finish()
+        for tier, lo, hi in parts:
+            tier.fetch(keys[lo:hi], addrs[lo:hi], functools.partial(part_done, lo))
 
     # -- shutdown -----------------------------------------------------------------------------
 
@@ -370,8 +426,8 @@ class KVortexEngine:
                 self._queue.close()
         if self._thread is not None:
             self._thread.join()
-        if self.disk is not None:
-            self.disk.close()
+        for tier in self.tiers:
+            tier.close()
         if self.mover is not None:
             self.mover.close()
         if self.pool is not None:
@@ -484,33 +540,35 @@ class KVortexEngine:
                 nbytes = len(job.slots) * self.mover.chunk_bytes
                 self._activity.moved(**{"stored" if job.to_host else "loaded": nbytes})
             self._tick()
-        if error is None and self.disk is not None:
+        if error is None and self.tiers:
             # Stored chunks, and hits too: under "seen-twice" admission a chunk that stays hot
             # in L1 is stored only once, so its second use is what admits it to disk.
             self._write_through(job)
         job.handle._finish(error)
 
     def _write_through(self, job: _Job) -> None:
-        """Offer a job's chunks (just stored, or just loaded from L1) to the disk tier; each
-        admitted one stays pinned in L1 until its write ended (its slot must not be reused
-        while the disk reads it)."""
-        assert self.disk is not None and self.pool is not None and self.directory is not None
+        """Offer a job's chunks (just stored, or just loaded from L1) to the lower tiers; each
+        chunk a tier accepts stays pinned in L1 until that tier's write ended (its slot must
+        not be reused while the write reads it)."""
+        assert self.pool is not None and self.directory is not None
         with self._lock:
             ready = [
                 (k, s) for k, s in zip(job.keys, job.slots, strict=True) if k in self.directory
             ]
-            self.directory.pin_for_load([k for k, _ in ready])
-        pinned = [k for k, _ in ready]
-
-        def written(keys: list[bytes], ok: list[bool]) -> None:
+        chunks = [(k, self.pool.address(s)) for k, s in ready]
+        for tier in self.tiers:
+            keys = [k for k, _ in ready]
             with self._lock:
-                assert self.directory is not None
-                self.directory.unpin(keys)
+                self.directory.pin_for_load(keys)
 
-        admitted = self.disk.offer([(k, self.pool.address(s)) for k, s in ready], written)
-        rest = set(pinned) - set(admitted)
-        with self._lock:
-            self.directory.unpin([k for k in pinned if k in rest])
+            def written(done: list[bytes], ok: list[bool]) -> None:
+                with self._lock:
+                    assert self.directory is not None
+                    self.directory.unpin(done)
+
+            accepted = set(tier.offer(chunks, written))
+            with self._lock:
+                self.directory.unpin([k for k in keys if k not in accepted])
 
     def _abandon(self, job: _Job, error: BaseException) -> None:
         self._complete(job, error if isinstance(error, KVortexError) else TransferError(str(error)))

@@ -13,10 +13,12 @@ from kvortex.config import PROCESS_SWITCHES, KVortexConfig
 
 __all__ = ["collect"]
 
+_SECRETS = ("KVORTEX_REMOTE_PASSWORD",)
+
 
 def collect(config: KVortexConfig | None = None, *, probe_cuda: bool = True) -> dict[str, Any]:
-    """A JSON-ready report: version, hot paths, machine, CUDA, the process switches set and the
-    effective config."""
+    """A JSON-ready report: version, hot paths, machine, CUDA, the process switches set, the
+    tiers and the effective config (no secret: a password is shown as ``***``)."""
     from kvortex import __version__
 
     cfg = config if config is not None else KVortexConfig.from_env()
@@ -35,9 +37,12 @@ def collect(config: KVortexConfig | None = None, *, probe_cuda: bool = True) -> 
         "cuda_extension": _cuda_extension(),
         "machine": _machine(),
         "cuda": _cuda() if probe_cuda else {"probed": False},
-        "process_switches": {k: v for k, v in os.environ.items() if k in PROCESS_SWITCHES},
+        "process_switches": {
+            k: "***" if k in _SECRETS else v for k, v in os.environ.items() if k in PROCESS_SWITCHES
+        },
         "disk_tier": _disk_tier(cfg),
-        "config": cfg.to_dict(),
+        "remote_tier": _remote_tier(cfg),
+        "config": cfg.redacted(),
     }
 
 
@@ -48,6 +53,16 @@ def _disk_tier(cfg: KVortexConfig) -> dict[str, Any]:
     from kvortex.tiers.disk import probe
 
     return {"enabled": True, **probe(cfg.disk_path, cfg.disk_bytes)}
+
+
+def _remote_tier(cfg: KVortexConfig) -> dict[str, Any]:
+    """The shared tier as configured: reachable or not (a connection attempt of at most
+    ``remote_timeout_ms``, at least 1 s), server version, standalone or cluster shape."""
+    if cfg.remote_url is None:
+        return {"enabled": False}
+    from kvortex.tiers.redis import probe
+
+    return {"enabled": True, **probe(cfg.remote_url, timeout_ms=max(cfg.remote_timeout_ms, 1000))}
 
 
 def _cuda_extension() -> dict[str, Any]:

@@ -31,6 +31,7 @@ class ChunkOp:
     (its own prefix cache hit ends inside the chunk); those pages are left alone.
     ``disk``: for a load, read the chunk from this disk record into ``slot`` first; for a
     store, write it there once the copy into ``slot`` completed (write-through).
+    ``remote``: for a load, fetch the chunk from the shared tier into ``slot`` first.
     """
 
     key: bytes
@@ -38,6 +39,7 @@ class ChunkOp:
     block_ids: tuple[int, ...]
     skip_pages: int = 0
     disk: DiskLocation | None = None
+    remote: bool = False
 
     @property
     def moved_block_ids(self) -> tuple[int, ...]:

@@ -32,7 +32,7 @@ step "virtual environment $venv (vllm $version)"
 python -m pip install -q --upgrade pip
 # vLLM first: it pins the torch it was built against, and KVortex must run on that one.
 python -m pip install -q "vllm==$version"
-python -m pip install -q pytest hypothesis
+python -m pip install -q pytest hypothesis redis hiredis
 # The repository itself (compiles the C++ core), rebuilt on every run so the tests see this
 # tree; --no-deps keeps vLLM's pins untouched (KVortex's own dependencies come with vLLM).
 python -m pip install -q --no-deps --force-reinstall .

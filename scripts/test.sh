@@ -41,11 +41,16 @@ python -m pip install -q --upgrade pip
 # release this machine kind keeps on disk; any torch >= 2.4 works.
 python -m pip install -q "torch==${KVORTEX_TEST_TORCH:-2.13.0}"
 python -m pip install -q ".[test]"
+# The shared-tier tests run against real redis-server processes (CI runs as root on Debian).
+command -v redis-server >/dev/null || (apt-get update && apt-get install -y redis-server)
 
-# CI must test the compiled core: a missing native build fails instead of skipping.
+# CI must test the compiled core and the shared tier: a missing native build, redis-server or
+# redis package fails instead of skipping.
 export KVORTEX_REQUIRE_NATIVE=1
+export KVORTEX_REQUIRE_REDIS=1
 step "kvortex info"
 kvortex info --no-cuda
+redis-server --version
 
 step "ruff + mypy"
 ruff check kvortex tests bench

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -132,3 +133,28 @@ def test_info_text_shows_inherited_backend(
     out = capsys.readouterr().out
     assert "backend = 'python'" in out
     assert "process switches: KVORTEX_BACKEND=python, KVORTEX_TESTS_ONLY=1" in out
+
+
+def test_info_shared_tier_unreachable_shows_no_password(tmp_path: Path) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = run_cli(
+        tmp_path,
+        "info",
+        "--no-cuda",
+        "--json",
+        KVORTEX_REMOTE_URL=f"redis://kv:url-secret@127.0.0.1:{port}/0",
+        KVORTEX_REMOTE_PASSWORD="env-secret",
+        KVORTEX_REMOTE_TIMEOUT_MS="100",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "secret" not in result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    tier = report["remote_tier"]
+    assert tier["enabled"] and not tier["reachable"] and "unreachable" in tier["problem"]
+    assert tier["url"] == report["config"]["remote_url"] == f"redis://kv:***@127.0.0.1:{port}/0"
+    assert report["process_switches"]["KVORTEX_REMOTE_PASSWORD"] == "***"
+    text = run_cli(tmp_path, "info", "--no-cuda", KVORTEX_REMOTE_URL=f"redis://127.0.0.1:{port}")
+    assert f"shared tier: redis://127.0.0.1:{port} NOT reachable (" in text.stdout
+    assert "shared tier: off (no remote_url)" in run_cli(tmp_path, "info", "--no-cuda").stdout

@@ -143,6 +143,14 @@ def test_unknown_key_names_it_and_lists_valid_keys() -> None:
         ("numa_node", -1),
         ("hugepages", "sometimes"),
         ("tenant_salt", 7),
+        ("remote_url", 5),
+        ("remote_url", "http://cache:6379"),
+        ("remote_url", "redis://cache/x"),
+        ("remote_timeout_ms", 0),
+        ("remote_timeout_ms", 60001),
+        ("remote_timeout_ms", "200"),
+        ("remote_write", "sometimes"),
+        ("remote_ttl_s", 0),
     ],
 )
 def test_wrong_type_or_range_names_the_key(key: str, value: object) -> None:
@@ -288,9 +296,13 @@ def test_backend_values(value: object, expected: str | None) -> None:
 def test_backend_inherit_resolves_to_the_process_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("KVORTEX_BACKEND", raising=False)
     cfg = KVortexConfig()
-    assert [c.requested for c in kvortex_backend.describe(cfg.backend)] == ["auto"] * len(kvortex_backend.HOT_PATHS)
+    assert [c.requested for c in kvortex_backend.describe(cfg.backend)] == ["auto"] * len(
+        kvortex_backend.HOT_PATHS
+    )
     monkeypatch.setenv("KVORTEX_BACKEND", "python")
-    assert [c.active for c in kvortex_backend.describe(cfg.backend)] == ["python"] * len(kvortex_backend.HOT_PATHS)
+    assert [c.active for c in kvortex_backend.describe(cfg.backend)] == ["python"] * len(
+        kvortex_backend.HOT_PATHS
+    )
 
 
 @pytest.mark.parametrize(
@@ -317,6 +329,35 @@ def test_log_interval_s() -> None:
     for bad in ["soon", "", "-1", "nan", "inf"]:
         with pytest.raises(ConfigError, match="KVORTEX_LOG_INTERVAL_S"):
             KVortexConfig.from_env({"KVORTEX_LOG_INTERVAL_S": bad})
+
+
+def test_remote_keys() -> None:
+    cfg = KVortexConfig()
+    assert (cfg.remote_url, cfg.remote_timeout_ms, cfg.remote_write, cfg.remote_ttl_s) == (
+        None,
+        200,
+        "seen-twice",
+        None,
+    )
+    env = {
+        "KVORTEX_REMOTE_URL": "rediss+cluster://kv@cache:7000?ssl_cert_reqs=none",
+        "KVORTEX_REMOTE_TIMEOUT_MS": "50",
+        "KVORTEX_REMOTE_WRITE": "ALL",
+        "KVORTEX_REMOTE_TTL_S": "3600",
+        "KVORTEX_REMOTE_PASSWORD": "secret",  # a process switch, not a key
+    }
+    cfg = KVortexConfig.from_env(env)
+    assert cfg.remote_url == env["KVORTEX_REMOTE_URL"]
+    assert (cfg.remote_timeout_ms, cfg.remote_write, cfg.remote_ttl_s) == (50, "all", 3600)
+    assert "secret" not in str(cfg.to_dict())
+    with_password = cfg.replace(remote_url="redis://kv:url-secret@cache:6379")
+    assert with_password.redacted()["remote_url"] == "redis://kv:***@cache:6379"
+    assert "url-secret" not in repr(with_password) and "kv:***@" in repr(with_password)
+    assert with_password.to_dict()["remote_url"] == "redis://kv:url-secret@cache:6379"
+    assert KVortexConfig.from_env({"KVORTEX_REMOTE_URL": "none"}).remote_url is None
+    assert KVortexConfig.from_dict({"remote_url": " "}).remote_url is None
+    with pytest.raises(ConfigError, match=r"KVORTEX_REMOTE_URL: .*scheme"):
+        KVortexConfig.from_env({"KVORTEX_REMOTE_URL": "memcached://cache"})
 
 
 def test_from_dict_suggests_the_closest_key() -> None:

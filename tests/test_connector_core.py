@@ -42,7 +42,7 @@ def setup(name: str = "lbnhc", **cfg: object) -> tuple[SchedulerSide, WorkerSide
 
 def run_step(sched: SchedulerSide, worker: WorkerSide) -> tuple[set[str], set[str], set[int]]:
     out = sched.step()
-    worker.start(out.plan, out.async_loads, out.release_after_load, out.disk, out.disk_namespaces)
+    worker.start(out.plan, out.async_loads, out.release_after_load, out.disk, out.rank_namespaces)
     worker.wait_sync_loads()
     sending, recving = worker.poll()
     errors = worker.take_load_errors()

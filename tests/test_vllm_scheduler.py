@@ -478,3 +478,56 @@ def test_a_prefix_evicted_from_host_memory_comes_back_from_disk(
     loop.run_until_idle()
     assert loop.finish_reasons["B"] == "length"
     loop.assert_clean()
+
+
+# -- the shared tier ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def redis_url(tmp_path: Any) -> Iterator[str]:
+    from redis_launcher import RedisServer, missing
+
+    reason = missing()
+    if reason:
+        if os.environ.get("KVORTEX_REQUIRE_REDIS") == "1":
+            pytest.fail(f"KVORTEX_REQUIRE_REDIS=1 but {reason}")
+        pytest.skip(reason)
+    server = RedisServer(tmp_path / "redis").start()
+    yield server.url
+    server.stop()
+
+
+@pytest.mark.redis
+def test_two_vllm_instances_share_kv_through_redis(loops: Loops, redis_url: str) -> None:
+    """Instance A computes and stores a prompt; instance B (its own scheduler, workers and
+    host tier) gets the prefix from Redis through the asynchronous load path, byte for byte."""
+    extra = extra_config(remote_url=redis_url, remote_write="all")
+    a, b = loops(extra), loops(extra)
+    p = prompt(72)
+    a.add("A", p, max_tokens=2)
+    a.step()
+    reference = a.snapshot("A", 64)
+    a.run_until_idle()
+    for w in a.workers:
+        remote = w.connector.worker_side.remote
+        assert remote is not None and remote.wait_idle(30) and remote.written == 2
+
+    b.add("B", p, max_tokens=2)
+    so = b.step()
+    assert new_reqs(so) == {}
+    assert so.kv_connector_metadata.async_loads == frozenset({"B"})
+    for _ in range(20):
+        if b.status("B") != WAITING_FOR_KV:
+            break
+        for w in b.workers:
+            w.connector.worker_side.remote.wait_idle(30)
+        so = b.step()
+    so = so if new_reqs(so) else b.step()
+    assert new_reqs(so) == {"B": 64}
+    got = b.snapshot("B", 64)
+    for want_layers, got_layers in zip(reference, got, strict=True):
+        for name in LAYERS:
+            assert torch.equal(got_layers[name], want_layers[name]), name
+    b.run_until_idle()
+    assert b.finish_reasons["B"] == "length"
+    b.assert_clean()

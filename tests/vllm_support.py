@@ -720,10 +720,14 @@ class EngineLoop:
         return [s.plan for s in self.steps]
 
     def stored_keys(self) -> set[bytes]:
-        """Keys that entered the host tier: stored, or read back from the disk tier."""
+        """Keys that entered the host tier: stored, or read back from a lower tier."""
         stored = {c.key for p in self.plans() for ops in p.stores for c in ops.chunks}
         promoted = {
-            c.key for p in self.plans() for ops in p.loads for c in ops.chunks if c.disk is not None
+            c.key
+            for p in self.plans()
+            for ops in p.loads
+            for c in ops.chunks
+            if c.disk is not None or c.remote
         }
         return stored | promoted
 

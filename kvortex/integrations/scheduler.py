@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvortex.config import KVortexConfig
 from kvortex.directory import Directory, FreeListAllocator
@@ -37,6 +37,9 @@ from kvortex.tiers.disk_index import DiskIndex, no_cycle_collection, segment_byt
 from kvortex.tiers.records import namespace_fingerprint, record_bytes
 from kvortex.tiers.segments import scan_directory
 from kvortex.tiers.shard import shard_directory
+
+if TYPE_CHECKING:
+    from kvortex.tiers.redis import RemoteTier
 
 __all__ = ["SchedulerSide", "StepOutput"]
 
@@ -76,7 +79,7 @@ class StepOutput:
     preempted: frozenset[str]
     release_after_load: frozenset[str]
     disk: DiskPlan = DiskPlan()  # noqa: RUF009 - frozen, immutable: one shared default is fine
-    disk_namespaces: tuple[bytes, ...] = ()
+    rank_namespaces: tuple[bytes, ...] = ()  # encoded, per TP rank: for the lower tiers
 
 
 class SchedulerSide:
@@ -131,12 +134,28 @@ class SchedulerSide:
         self.activity = ActivityLog(config.log_interval_s)
         self._evictions_seen = 0
         self.disk: DiskIndex | None = None
-        self.disk_namespaces: tuple[bytes, ...] = ()
+        self.remote: RemoteTier | None = None
+        self.rank_namespaces: tuple[bytes, ...] = ()
+        if config.disk_path is not None or config.remote_url is not None:
+            self.rank_namespaces = tuple(namespace.for_rank(r).encode() for r in range(tp_size))
         self._disk_writes: list[ChunkOp] = []
         self._disk_deletes: list[int] = []
         self._disk_seals: list[SegmentSeal] = []
         if config.disk_path is not None:
             self._open_disk(config.disk_path)
+        if config.remote_url is not None:
+            from kvortex.tiers.redis import RemoteTier  # only shared-tier users need redis
+
+            # Lookups only (the workers write their own shards): rank 0's shard stands for
+            # all; a rank whose shard is missing reports load errors and vLLM recomputes.
+            self.remote = RemoteTier(
+                config.remote_url,
+                self.rank_namespaces[0],
+                chunk_bytes,
+                timeout_ms=config.remote_timeout_ms,
+                write="none",
+                backend=config.backend,
+            )
         self._hold_while_loading = hold_blocks_while_loading
         self._requests: dict[str, _Request] = {}
         self._async: set[str] = set()
@@ -163,13 +182,16 @@ class SchedulerSide:
         in_host = hit = self.directory.match(req.keys)
         if self.disk is not None and hit < len(req.keys):
             hit += self.disk.match(req.keys[hit:])
+        if self.remote is not None and hit < len(req.keys):
+            hit += self.remote.match(req.keys[hit:])
         # An in-step load may not cover the whole prompt: the engine must compute >= 1 token.
         hit = min(hit, (num_tokens - 1) // self.chunk)
         external = hit * self.chunk - num_computed
         if external <= 0:
             req.offer = None
             return 0, False
-        # A read from disk never runs inside a step: the request waits for it asynchronously.
+        # A read from disk or the shared tier never runs inside a step: the request waits for
+        # it asynchronously.
         is_async = external >= self.config.async_load_min_tokens or hit > in_host
         req.offer = _Offer(num_computed, hit, is_async)
         return external, is_async
@@ -193,14 +215,14 @@ class SchedulerSide:
         keys = req.keys[first:in_host]
         slots = self.directory.pin_for_load(keys)
         req.pins.append(keys)
-        sources: list[tuple[bytes, int, DiskLocation | None]] = [
-            (k, s, None) for k, s in zip(keys, slots, strict=True)
+        sources: list[tuple[bytes, int, DiskLocation | None, bool]] = [
+            (k, s, None, False) for k, s in zip(keys, slots, strict=True)
         ]
         if last > in_host:  # the rest comes from disk, through host slots reserved here
             sources += self._plan_promotion(req, max(first, in_host), last)
         bpc, skip_below = self.blocks_per_chunk, start // self.block_size
         ops = []
-        for n, (key, slot, disk) in enumerate(sources):
+        for n, (key, slot, disk, remote) in enumerate(sources):
             c = first + n
             ids = tuple(block_ids[c * bpc : (c + 1) * bpc])
             if len(ids) < bpc:
@@ -209,10 +231,10 @@ class SchedulerSide:
                     f"blocks up to {(c + 1) * bpc}"
                 )
             skip = min(bpc, max(0, skip_below - c * bpc))
-            op = ChunkOp(key, slot, ids, skip_pages=skip, disk=disk)
+            op = ChunkOp(key, slot, ids, skip_pages=skip, disk=disk, remote=remote)
             ops.append(op)
             req.loaded_blocks.update(dict.fromkeys(op.moved_block_ids, key))
-            if disk is None:
+            if disk is None and not remote:
                 self._write_hit(op)
         self.directory.add_load(request_id, ops)
         self.activity.hit(num_external)
@@ -283,7 +305,7 @@ class SchedulerSide:
             preempted,
             frozenset(self._release_after_load),
             disk,
-            self.disk_namespaces,
+            self.rank_namespaces,
         )
         self._async.clear()
         evictions = self.directory.evictions
@@ -351,9 +373,6 @@ class SchedulerSide:
             self.config.disk_bytes, segment_bytes, admission=self.config.disk_admission
         )
         self._record = rec
-        self.disk_namespaces = tuple(
-            namespace_fingerprint(self.namespace.for_rank(r).encode()) for r in range(self.tp_size)
-        )
         with no_cycle_collection():
             self._restore_disk(disk_path)
         log.info(
@@ -366,7 +385,8 @@ class SchedulerSide:
     def _restore_disk(self, disk_path: str) -> None:
         assert self.disk is not None
         per_rank = []
-        for rank, fingerprint in enumerate(self.disk_namespaces):
+        for rank, encoded in enumerate(self.rank_namespaces):
+            fingerprint = namespace_fingerprint(encoded)
             found, _ = scan_directory(shard_directory(disk_path, rank, self.tp_size), fingerprint)
             per_rank.append({seg: (size, entries) for seg, size, entries in found})
         for segment in sorted(per_rank[0]):
@@ -412,23 +432,27 @@ class SchedulerSide:
 
     def _plan_promotion(
         self, req: _Request, begin: int, end: int
-    ) -> list[tuple[bytes, int, DiskLocation | None]]:
-        """Host slots for chunks ``begin:end`` (on disk): reserved now, filled by the workers'
-        reads. A chunk that gets no slot, or left the disk, is planned from slot -1: the
-        worker reports its blocks as load errors and the engine recomputes them."""
-        assert self.disk is not None
+    ) -> list[tuple[bytes, int, DiskLocation | None, bool]]:
+        """Host slots for chunks ``begin:end`` (on disk, else in the shared tier): reserved
+        now, filled by the workers' reads. A chunk that gets no slot, or is in neither tier,
+        is planned from slot -1: the worker reports its blocks as load errors and the engine
+        recomputes them."""
         reservation = self.directory.reserve_store(req.keys[:end])
         slot_of = {key: slot for _, key, slot in reservation.chunks}
-        out: list[tuple[bytes, int, DiskLocation | None]] = []
+        out: list[tuple[bytes, int, DiskLocation | None, bool]] = []
+        on_disk = True
         for key in req.keys[begin:end]:
-            loc = self.disk.location(key)
+            loc = self.disk.location(key) if self.disk is not None and on_disk else None
+            on_disk = loc is not None  # past the disk's prefix the rest is the shared tier's
+            remote = loc is None and self.remote is not None
             slot = slot_of.get(key, -1)
-            if loc is None:
+            if loc is None and not remote:
                 slot = -1
-            out.append((key, slot, loc))
+            out.append((key, slot, loc, remote))
             if slot >= 0:
                 req.promoting.append(key)
-                req.from_disk.add(key)
+                if loc is not None:
+                    req.from_disk.add(key)
         unused = [k for k in slot_of if k not in req.promoting]
         if unused:
             self.directory.commit_store(unused, ok=False)
@@ -454,6 +478,11 @@ class SchedulerSide:
                     tuple(loc.seq for _, loc in entries),
                 )
             )
+
+    def close(self) -> None:
+        """Release the shared tier's connections (the connector's shutdown)."""
+        if self.remote is not None:
+            self.remote.close()
 
     def _bytes(self, pages: int) -> int:
         """Bytes moved for ``pages`` engine blocks' pages on every worker."""

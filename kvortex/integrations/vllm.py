@@ -56,7 +56,7 @@ class KVortexMetadata(KVConnectorMetadata):  # type: ignore[misc]
     preempted: frozenset[str] = frozenset()
     release_after_load: frozenset[str] = frozenset()
     disk: DiskPlan = DiskPlan()  # noqa: RUF009 - frozen, immutable: one shared default is fine
-    disk_namespaces: tuple[bytes, ...] = ()
+    rank_namespaces: tuple[bytes, ...] = ()
 
 
 class KVortexConnector(KVConnectorBase_V1):  # type: ignore[misc]
@@ -135,7 +135,7 @@ class KVortexConnector(KVConnectorBase_V1):  # type: ignore[misc]
             out.preempted,
             out.release_after_load,
             out.disk,
-            out.disk_namespaces,
+            out.rank_namespaces,
         )
 
     def update_connector_output(self, connector_output: Any) -> None:
@@ -187,7 +187,7 @@ class KVortexConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 meta.async_loads,
                 meta.release_after_load,
                 meta.disk,
-                meta.disk_namespaces,
+                meta.rank_namespaces,
             )
 
     def wait_for_layer_load(self, layer_name: str) -> None:
@@ -215,6 +215,8 @@ class KVortexConnector(KVConnectorBase_V1):  # type: ignore[misc]
     def shutdown(self) -> None:
         if self.worker_side is not None:
             self.worker_side.close()
+        if self.scheduler_side is not None:
+            self.scheduler_side.close()
 
     # -- internals ----------------------------------------------------------------------------
 

@@ -13,7 +13,9 @@ so the engine recomputes them. Wrong bytes are never delivered.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -29,11 +31,14 @@ from kvortex.errors import (
 from kvortex.layout import PagedLayout
 from kvortex.memory import HostSlabPool
 from kvortex.plan import ChunkOp, DiskPlan, RequestOps, TransferPlan
+from kvortex.tiers.records import namespace_fingerprint
 from kvortex.tiers.shard import DiskShard, shard_directory
 from kvortex.transfer import Mover, TransferHandle, resolve_path
 
 if TYPE_CHECKING:
     import torch
+
+    from kvortex.tiers.redis import RemoteTier
 
 __all__ = ["WorkerSide"]
 
@@ -88,6 +93,11 @@ class WorkerSide:
         self._load_errors: set[int] = set()
         self._closed = False
         self.disk: DiskShard | None = None
+        self.remote: RemoteTier | None = None
+        self._tiers_opened = False
+        # Host slots that a shared-tier write still reads (the disk shard tracks its own).
+        self._remote_readers: dict[int, int] = {}
+        self._remote_cond = threading.Condition()
 
     def register(self, kv_caches: Mapping[str, torch.Tensor]) -> None:
         """Adopt the engine's KV tensors; build the layout, the pool and the mover.
@@ -138,18 +148,19 @@ class WorkerSide:
         async_loads: Iterable[str] = (),
         release_after_load: Iterable[str] = (),
         disk: DiskPlan | None = None,
-        disk_namespaces: tuple[bytes, ...] = (),
+        rank_namespaces: tuple[bytes, ...] = (),
     ) -> None:
         """Launch this step's stores and loads (all asynchronous on the device) and queue its
-        disk-tier work (``disk``; ``disk_namespaces``: every rank's record namespace)."""
+        disk-tier work (``disk``; ``rank_namespaces``: every rank's encoded namespace, for the
+        lower tiers' records)."""
         if self._closed:
             raise EngineClosedError("this connector worker is closed")
         if self.mover is None:
             if not plan.empty:
                 raise KVortexError("a transfer plan arrived before register_kv_caches")
             return
-        if disk_namespaces and self.disk is None:
-            self._open_disk(disk_namespaces)
+        if rank_namespaces and not self._tiers_opened:
+            self._open_tiers(rank_namespaces)
         if disk is not None and self.disk is not None and not disk.empty:
             self._start_disk(disk)
         self._release_after_load.update(release_after_load)
@@ -157,7 +168,7 @@ class WorkerSide:
         for ops in plan.stores:
             self._start_store(ops)
         for ops in plan.loads:
-            if any(c.disk is not None for c in ops.chunks):
+            if any(c.disk is not None or c.remote for c in ops.chunks):
                 self._loads[ops.request_id] = self._start_disk_load(ops)
                 continue
             flight = self._start_load(ops)
@@ -214,6 +225,8 @@ class WorkerSide:
     def close(self) -> None:
         """Let in-flight copies land, then free the host pool. Final and idempotent."""
         self._closed = True
+        if self.remote is not None:
+            self.remote.close()
         if self.disk is not None:
             self.disk.close()
         if self.mover is not None:
@@ -223,10 +236,35 @@ class WorkerSide:
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _open_disk(self, namespaces: tuple[bytes, ...]) -> None:
-        assert self.config.disk_path is not None
-        directory = shard_directory(self.config.disk_path, self.rank, len(namespaces))
-        self.disk = DiskShard(directory, namespaces[self.rank], backend=self.config.backend)
+    def _open_tiers(self, namespaces: tuple[bytes, ...]) -> None:
+        """Open this rank's disk shard and shared-tier client (at the first plan that names
+        the ranks' namespaces). A shared tier that cannot be reached now only costs misses."""
+        self._tiers_opened = True
+        mine = namespaces[self.rank]
+        if self.config.disk_path is not None:
+            directory = shard_directory(self.config.disk_path, self.rank, len(namespaces))
+            self.disk = DiskShard(
+                directory, namespace_fingerprint(mine), backend=self.config.backend
+            )
+        if self.config.remote_url is not None:
+            from kvortex.tiers.redis import RemoteTier
+
+            try:
+                self.remote = RemoteTier(
+                    self.config.remote_url,
+                    mine,
+                    self._chunk_bytes(),
+                    timeout_ms=self.config.remote_timeout_ms,
+                    ttl_s=self.config.remote_ttl_s,
+                    write=self.config.remote_write,
+                    backend=self.config.backend,
+                )
+            except KVortexError as exc:
+                log.warning("kvortex worker %d: shared tier unavailable: %s", self.rank, exc)
+
+    def _chunk_bytes(self) -> int:
+        assert self.layout is not None
+        return self.layout.chunk_bytes(self.blocks_per_chunk)
 
     def _start_disk(self, plan: DiskPlan) -> None:
         """Queue segment deletions, writes of chunks held in host slots, and seals."""
@@ -242,27 +280,55 @@ class WorkerSide:
             self.disk.seal(seal)
 
     def _start_disk_load(self, ops: RequestOps) -> _InFlight:
-        """Read the chunks that come from disk into their host slots; :meth:`poll` launches
-        the GPU copy of the whole request once the reads ended."""
-        reads = tuple(c for c in ops.chunks if c.disk is not None and c.slot >= 0)
+        """Read the chunks that come from disk or the shared tier into their host slots;
+        :meth:`poll` launches the GPU copy of the whole request once every read ended."""
+        reads = tuple(c for c in ops.chunks if (c.disk is not None or c.remote) and c.slot >= 0)
         for c in ops.chunks:
-            if c.disk is not None and c.slot < 0:  # the scheduler found no slot for it
+            if (c.disk is not None or c.remote) and c.slot < 0:  # the scheduler found no slot
                 self._load_errors.update(c.moved_block_ids)
-        rest = tuple(c for c in ops.chunks if c.disk is None)
+        rest = tuple(c for c in ops.chunks if c.disk is None and not c.remote)
         flight = _InFlight(None, RequestOps(ops.request_id, rest), disk_reads=reads)
-        if self.disk is None or self.pool is None:
-            flight.disk_ok = [False] * len(reads)
-            return flight
+        assert self.pool is not None
+        pool = self.pool
         for c in reads:
             self._slot_keys.pop(c.slot, None)  # being filled: trust it once the read checked
-        pool = self.pool
+        from_disk = [i for i, c in enumerate(reads) if c.disk is not None]
+        from_remote = [i for i, c in enumerate(reads) if c.disk is None]
+        results: list[bool] = [False] * len(reads)
+        parts = [p for p in (from_disk, from_remote) if p]
+        remaining = [len(parts)]
+        lock = threading.Lock()
 
-        def done(ok: list[bool]) -> None:
-            flight.disk_ok = ok
+        def part_done(positions: list[int], ok: list[bool]) -> None:
+            for i, good in zip(positions, ok, strict=True):
+                results[i] = good
+            with lock:
+                remaining[0] -= 1
+                last = remaining[0] == 0
+            if last:
+                flight.disk_ok = results
 
-        self.disk.read([(c.key, pool.address(c.slot), c.disk) for c in reads if c.disk], done)
-        if not reads:
-            flight.disk_ok = []
+        if not parts:
+            flight.disk_ok = results
+        if from_disk:
+            if self.disk is None:
+                part_done(from_disk, [False] * len(from_disk))
+            else:
+                jobs = []
+                for i in from_disk:
+                    loc = reads[i].disk
+                    assert loc is not None
+                    jobs.append((reads[i].key, pool.address(reads[i].slot), loc))
+                self.disk.read(jobs, functools.partial(part_done, from_disk))
+        if from_remote:
+            if self.remote is None:
+                part_done(from_remote, [False] * len(from_remote))
+            else:
+                self.remote.fetch(
+                    [reads[i].key for i in from_remote],
+                    [pool.address(reads[i].slot) for i in from_remote],
+                    functools.partial(part_done, from_remote),
+                )
         return flight
 
     def _after_disk_reads(self, flight: _InFlight) -> None:
@@ -286,6 +352,8 @@ class WorkerSide:
             self._slot_keys.pop(slot, None)  # being rewritten: holds nothing trustworthy
             if self.disk is not None and not self.disk.wait_slot(slot):
                 log.warning("kvortex: a disk write still reads host slot %d; overwriting", slot)
+            if not self._wait_remote_slot(slot):
+                log.warning("kvortex: a shared-tier write still reads host slot %d", slot)
         handle = None
         try:
             handle = self.mover.store(ops.block_ids, ops.slots)
@@ -293,15 +361,45 @@ class WorkerSide:
             log.warning("kvortex: store of %s failed: %s", ops.request_id, exc)
         self._stores[ops.request_id] = _InFlight(handle, ops, slots_keys)
 
+    def _wait_remote_slot(self, slot: int, timeout: float = 30.0) -> bool:
+        with self._remote_cond:
+            return self._remote_cond.wait_for(lambda: not self._remote_readers.get(slot), timeout)
+
     def _write_through(self, ops: RequestOps) -> None:
         """Queue the disk writes planned with a store, now that its copy landed (before the
         store is reported finished, so reads planned after that run after these writes)."""
-        if self.disk is None or self.pool is None:
+        if self.pool is None:
             return
         pool = self.pool
-        self.disk.write(
-            [(c.key, c.slot, pool.address(c.slot), c.disk) for c in ops.chunks if c.disk]
-        )
+        if self.disk is not None:
+            self.disk.write(
+                [(c.key, c.slot, pool.address(c.slot), c.disk) for c in ops.chunks if c.disk]
+            )
+        if self.remote is not None:
+            slot_of = {c.key: c.slot for c in ops.chunks}
+
+            def written(keys: list[bytes], ok: list[bool]) -> None:
+                with self._remote_cond:
+                    for key in keys:
+                        slot = slot_of[key]
+                        self._remote_readers[slot] -= 1
+                        if not self._remote_readers[slot]:
+                            del self._remote_readers[slot]
+                    self._remote_cond.notify_all()
+
+            with self._remote_cond:  # count first: the write may end before offer returns
+                for c in ops.chunks:
+                    self._remote_readers[c.slot] = self._remote_readers.get(c.slot, 0) + 1
+            accepted = set(
+                self.remote.offer([(c.key, pool.address(c.slot)) for c in ops.chunks], written)
+            )
+            with self._remote_cond:
+                for c in ops.chunks:
+                    if c.key not in accepted:
+                        self._remote_readers[c.slot] -= 1
+                        if not self._remote_readers[c.slot]:
+                            del self._remote_readers[c.slot]
+                self._remote_cond.notify_all()
 
     def _start_load(self, ops: RequestOps) -> _InFlight:
         assert self.mover is not None
