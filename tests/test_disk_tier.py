@@ -471,3 +471,23 @@ def test_kvortex_info_shows_the_disk_tier(tmp_path: Path, engine_backend: str) -
         KVortexConfig.from_dict({"disk_path": str(tmp_path / "not-yet")}), probe_cuda=False
     )["disk_tier"]
     assert missing["enabled"] and not missing["exists"] and missing["used"] == 0
+
+
+def test_without_o_direct_the_tier_runs_buffered(
+    tmp_path: Path, engine_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A filesystem that refuses O_DIRECT (tmpfs before Linux 6.6, some network and FUSE
+    filesystems): the tier runs on buffered I/O, and kvortex info says so. Here the probe is
+    made to refuse, since this machine's filesystems accept O_DIRECT."""
+    from kvortex import diskio
+    from kvortex.config import KVortexConfig
+    from kvortex.info import collect
+
+    monkeypatch.setattr(diskio, "direct_io_supported", lambda directory: False)
+    with make_engine(tmp_path, engine_backend) as engine:
+        assert engine.disk is not None and engine.disk.describe()["direct_io"] is False
+        expected = store_many(engine, 3)
+        for seed in range(3):
+            assert check_retrieve(engine, seed, expected[seed]) == 128
+    report = collect(KVortexConfig.from_dict({"disk_path": str(tmp_path)}), probe_cuda=False)
+    assert report["disk_tier"]["direct_io"] is False
