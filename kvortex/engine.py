@@ -375,18 +375,27 @@ class KVortexEngine:
         keys = [k for _, k, _ in promote]
         addrs = [self.pool.address(slot) for _, _, slot in promote]
         ok: list[bool] = [False] * len(keys)
-        parts: list[tuple[Tier, int, int]] = []  # tier, first, end (indexes into keys)
-        first = 0
+        # Which tier holds each promoted chunk, from the key ranges the tiers matched.
+        start = len(job.keys)
+        ranges: list[tuple[Tier, int, int]] = []
         for tier, count in sources:
-            end = min(first + count, len(keys))
-            if end > first:
-                parts.append((tier, first, end))
-            first = end
-        remaining = [len(parts)]
+            ranges.append((tier, start, start + count))
+            start += count
+        groups: dict[int, list[int]] = {}
+        for pos, (index, _, _) in enumerate(promote):
+            for t, (_, lo, hi) in enumerate(ranges):
+                if lo <= index < hi:
+                    groups.setdefault(t, []).append(pos)
+        remaining = [len(groups)]
         lock = threading.Lock()
 
         def finish() -> None:
-            good = next((i for i, g in enumerate(ok) if not g), len(ok))
+            # Only a prefix contiguous with the host tier's part may load: chunk n + j must be
+            # promote[j] (reserve_store skips chunks already in host memory) and have read back.
+            first = len(job.keys)
+            good = 0
+            while good < len(promote) and promote[good][0] == first + good and ok[good]:
+                good += 1
             assert self.directory is not None
             with self._lock:
                 self.directory.commit_store(keys[:good], ok=True)
@@ -399,18 +408,24 @@ class KVortexEngine:
             except KVortexError as exc:  # closed meanwhile
                 job.handle._finish(exc)
 
-        def part_done(first: int, results: list[bool]) -> None:
-            ok[first : first + len(results)] = results
+        def part_done(positions: list[int], results: list[bool]) -> None:
+            for pos, good in zip(positions, results, strict=True):
+                ok[pos] = good
             with lock:
                 remaining[0] -= 1
                 last = remaining[0] == 0
             if last:
                 finish()
 
-        if not parts:
+        if not groups:
             finish()
-        for tier, lo, hi in parts:
-            tier.fetch(keys[lo:hi], addrs[lo:hi], functools.partial(part_done, lo))
+        for t, positions in groups.items():
+            tier = ranges[t][0]
+            tier.fetch(
+                [keys[p] for p in positions],
+                [addrs[p] for p in positions],
+                functools.partial(part_done, positions),
+            )
 
     # -- shutdown -----------------------------------------------------------------------------
 

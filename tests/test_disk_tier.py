@@ -491,3 +491,23 @@ def test_without_o_direct_the_tier_runs_buffered(
             assert check_retrieve(engine, seed, expected[seed]) == 128
     report = collect(KVortexConfig.from_dict({"disk_path": str(tmp_path)}), probe_cuda=False)
     assert report["disk_tier"]["direct_io"] is False
+
+
+def test_a_gap_in_host_memory_never_shifts_disk_chunks(tmp_path: Path, engine_backend: str) -> None:
+    """Chunks 0-1 are being stored into host memory by someone else (reserved, not ready)
+    while all four are on disk: a retrieve must not load chunk 2's bytes into chunk 0's
+    blocks. It loads nothing rather than anything misplaced."""
+    with make_engine(tmp_path, engine_backend) as engine:
+        expected = store_many(engine, 3)  # prompt 0 is evicted from host memory (8 slots)
+        assert engine.directory is not None and engine.disk is not None
+        keys = engine._keys(prompt(128, 0))
+        assert engine.directory.match(keys) == 0 and engine.disk.match(keys) == 4
+        with engine._lock:
+            pending = engine.directory.reserve_store(keys[:2])
+        assert len(pending.chunks) == 2
+        r = engine.retrieve(prompt(128, 0), list(range(40, 48)))
+        r.wait(30)
+        assert r.tokens == 0
+        with engine._lock:
+            engine.directory.commit_store(keys[:2], ok=False)
+        assert check_retrieve(engine, 0, expected[0]) == 128  # and then it all comes back
