@@ -24,6 +24,7 @@ The pieces:
 
 from __future__ import annotations
 
+import inspect
 import types
 import warnings
 from collections.abc import Iterable, Sequence
@@ -65,11 +66,14 @@ VLLM_VERSION = tuple(int(x) for x in vllm.__version__.split(".")[:2])
 # get_transfer_results / failed_recving, handle_preemptions(metadata).
 MODERN = VLLM_VERSION >= (0, 30)
 
-if MODERN:
+# Where these live moved between releases: found by trying, newest place first.
+try:
     from vllm.model_executor.layers.attention.kv_transfer_utils import maybe_transfer_kv_layer
-    from vllm.v1.core.kv_cache_planning import get_kv_cache_config_from_groups
-else:
+except ImportError:  # 0.15
     from vllm.attention.utils.kv_transfer_utils import maybe_transfer_kv_layer
+try:
+    from vllm.v1.core.kv_cache_planning import get_kv_cache_config_from_groups
+except ImportError:  # 0.15, 0.26
     from vllm.v1.core.kv_cache_utils import get_kv_cache_config_from_groups
 
 MODEL_DIR = Path(__file__).parent / "data" / "tiny_llama"
@@ -320,13 +324,17 @@ def _allocate_015(vc: VllmConfig, kcc: Any, backend: Any, order: str) -> dict[st
         attn_groups=[groups],
     )
     runner._kv_cache_spec_attn_group_iterator = lambda: iter(groups)
-    runner._update_hybrid_attention_mamba_layout = lambda kv: None
+    runner._update_hybrid_attention_mamba_layout = lambda *args: None
+    runner._has_mixed_attention_kv_layout = lambda sizes: False  # one backend: no mix (0.26)
     backend_utils.set_kv_cache_layout(order)  # what get_kv_cache_layout() will return
     backend_utils.get_kv_cache_layout.cache_clear()
     try:
         with set_current_vllm_config(vc):
             raw = GPUModelRunner._allocate_kv_cache_tensors(runner, kcc)
-            return dict(GPUModelRunner._reshape_kv_cache_tensors(runner, kcc, raw, [BLOCK]))
+            reshape = GPUModelRunner._reshape_kv_cache_tensors
+            if "kv_cache_config" in inspect.signature(reshape).parameters:  # 0.15
+                return dict(reshape(runner, kcc, raw, [BLOCK]))
+            return dict(reshape(runner, raw, [BLOCK]))  # 0.26: reads self.kv_cache_config
     finally:
         backend_utils.set_kv_cache_layout(None)
         backend_utils.get_kv_cache_layout.cache_clear()
