@@ -60,6 +60,18 @@ def engine_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+def require_redis() -> None:
+    """Skip when redis-server or the redis package is missing here; fail instead under
+    ``KVORTEX_REQUIRE_REDIS=1`` (CI), where the shared tier must be tested."""
+    from redis_launcher import missing
+
+    reason = missing()
+    if reason:
+        if os.environ.get("KVORTEX_REQUIRE_REDIS") == "1":
+            pytest.fail(f"KVORTEX_REQUIRE_REDIS=1 but {reason}")
+        pytest.skip(reason)
+
+
 def run_isolated(code: str, timeout: float = 60.0) -> str:
     """Run ``code`` in a fresh interpreter with a timeout and return its stdout.
 

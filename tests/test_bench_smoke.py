@@ -7,13 +7,12 @@ running them at full size (see docs/PERF.md), never by timed unit tests.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from redis_launcher import missing
+from conftest import require_redis
 
 BENCH = Path(__file__).parents[1] / "bench"
 CPU_BENCHMARKS = [
@@ -32,10 +31,8 @@ CPU_BENCHMARKS = [
     "program", [*CPU_BENCHMARKS, pytest.param("remote.py", marks=pytest.mark.redis)]
 )
 def test_benchmark_runs_quick(program: str) -> None:
-    if program == "remote.py" and missing():  # it starts its own redis-server processes
-        if os.environ.get("KVORTEX_REQUIRE_REDIS") == "1":
-            pytest.fail(f"KVORTEX_REQUIRE_REDIS=1 but {missing()}")
-        pytest.skip(missing())
+    if program == "remote.py":  # it starts its own redis-server processes
+        require_redis()
     proc = subprocess.run(
         [sys.executable, str(BENCH / program), "--quick", "--json"]
         + (["--device", "cpu"] if program in ("engine.py", "connector.py") else []),

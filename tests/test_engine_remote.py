@@ -3,16 +3,15 @@ KV stored by one instance is served, byte for byte, to another that never comput
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_isolated
+from conftest import require_redis, run_isolated
 from kv_layouts import LAYOUTS, fill_random
-from redis_launcher import RedisServer, missing
+from redis_launcher import RedisServer
 from test_connector_core import blocks_bytes, run_step
 
 from kvortex.config import KVortexConfig
@@ -30,11 +29,7 @@ CHUNK = 32
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[RedisServer]:
-    reason = missing()
-    if reason:
-        if os.environ.get("KVORTEX_REQUIRE_REDIS") == "1":
-            pytest.fail(f"KVORTEX_REQUIRE_REDIS=1 but {reason}")
-        pytest.skip(reason)
+    require_redis()
     s = RedisServer(tmp_path / "redis").start()
     yield s
     s.stop()

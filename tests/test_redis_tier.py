@@ -10,7 +10,6 @@ timeout to everything they wait on.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -19,8 +18,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import run_isolated
-from redis_launcher import LaunchError, RedisCluster, RedisServer, TLSFiles, missing
+from conftest import require_redis, run_isolated
+from redis_launcher import LaunchError, RedisCluster, RedisServer, TLSFiles
 
 from kvortex import HostSlabPool, KVortexError
 from kvortex.config import KVortexConfig
@@ -40,18 +39,9 @@ from kvortex.tiers.redis import (
 )
 from kvortex.tiers.redis_servers import parse_url, redacted_url
 
-REQUIRE = os.environ.get("KVORTEX_REQUIRE_REDIS") == "1"
 NS = Namespace("meta-llama/Llama-3-8B", "layout", "torch.bfloat16", 2, 0).encode()
 P = 64 * 1024  # payload bytes of most tests
 WAIT = 30.0  # seconds any wait may take before the test fails
-
-
-def require_redis() -> None:
-    reason = missing()
-    if reason:
-        if REQUIRE:
-            pytest.fail(f"KVORTEX_REQUIRE_REDIS=1 but {reason}")
-        pytest.skip(reason)
 
 
 @pytest.fixture

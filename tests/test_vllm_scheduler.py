@@ -433,6 +433,33 @@ def test_lora_and_multimodal_requests_are_neither_loaded_nor_stored(loops: Loops
 # -- the disk tier ------------------------------------------------------------------------------
 
 
+def loads_asynchronously_byte_exact(
+    loop: EngineLoop, p: list[int], reference: Any, *, tier: str
+) -> None:
+    """Request B (prompt ``p``, 64 tokens stored below host memory in ``tier``) waits in
+    WAITING_FOR_REMOTE_KVS while the workers read and copy, is then scheduled with 64 tokens
+    loaded (not computed), and holds ``reference``'s bytes; everything is clean after."""
+    loop.add("B", p, max_tokens=2)
+    so = loop.step()
+    assert new_reqs(so) == {}
+    assert so.kv_connector_metadata.async_loads == frozenset({"B"})
+    for _ in range(20):  # the read, then the copy, then the report
+        if loop.status("B") != WAITING_FOR_KV:
+            break
+        for w in loop.workers:
+            getattr(w.connector.worker_side, tier).wait_idle(30)
+        so = loop.step()
+    so = so if new_reqs(so) else loop.step()
+    assert new_reqs(so) == {"B": 64}
+    got = loop.snapshot("B", 64)
+    for want_layers, got_layers in zip(reference, got, strict=True):
+        for name in LAYERS:
+            assert torch.equal(got_layers[name], want_layers[name]), name
+    loop.run_until_idle()
+    assert loop.finish_reasons["B"] == "length"
+    loop.assert_clean()
+
+
 @pytest.mark.parametrize("mode", RUNNER_MODES)
 def test_a_prefix_evicted_from_host_memory_comes_back_from_disk(
     loops: Loops, tmp_path: Any, mode: str
@@ -459,25 +486,7 @@ def test_a_prefix_evicted_from_host_memory_comes_back_from_disk(
         disk = w.connector.worker_side.disk
         assert disk is not None and disk.wait_idle()
 
-    loop.add("B", p, max_tokens=2)
-    so = loop.step()
-    assert new_reqs(so) == {}
-    assert so.kv_connector_metadata.async_loads == frozenset({"B"})
-    for _ in range(20):  # the disk read, then the copy, then the report
-        if loop.status("B") != WAITING_FOR_KV:
-            break
-        for w in loop.workers:
-            w.connector.worker_side.disk.wait_idle()
-        so = loop.step()
-    so = so if new_reqs(so) else loop.step()
-    assert new_reqs(so) == {"B": 64}
-    got = loop.snapshot("B", 64)
-    for want_layers, got_layers in zip(reference, got, strict=True):
-        for name in LAYERS:
-            assert torch.equal(got_layers[name], want_layers[name]), name
-    loop.run_until_idle()
-    assert loop.finish_reasons["B"] == "length"
-    loop.assert_clean()
+    loads_asynchronously_byte_exact(loop, p, reference, tier="disk")
 
 
 # -- the shared tier ----------------------------------------------------------------------------
@@ -485,13 +494,10 @@ def test_a_prefix_evicted_from_host_memory_comes_back_from_disk(
 
 @pytest.fixture
 def redis_url(tmp_path: Any) -> Iterator[str]:
-    from redis_launcher import RedisServer, missing
+    from conftest import require_redis
+    from redis_launcher import RedisServer
 
-    reason = missing()
-    if reason:
-        if os.environ.get("KVORTEX_REQUIRE_REDIS") == "1":
-            pytest.fail(f"KVORTEX_REQUIRE_REDIS=1 but {reason}")
-        pytest.skip(reason)
+    require_redis()
     server = RedisServer(tmp_path / "redis").start()
     yield server.url
     server.stop()
@@ -512,22 +518,4 @@ def test_two_vllm_instances_share_kv_through_redis(loops: Loops, redis_url: str)
         remote = w.connector.worker_side.remote
         assert remote is not None and remote.wait_idle(30) and remote.written == 2
 
-    b.add("B", p, max_tokens=2)
-    so = b.step()
-    assert new_reqs(so) == {}
-    assert so.kv_connector_metadata.async_loads == frozenset({"B"})
-    for _ in range(20):
-        if b.status("B") != WAITING_FOR_KV:
-            break
-        for w in b.workers:
-            w.connector.worker_side.remote.wait_idle(30)
-        so = b.step()
-    so = so if new_reqs(so) else b.step()
-    assert new_reqs(so) == {"B": 64}
-    got = b.snapshot("B", 64)
-    for want_layers, got_layers in zip(reference, got, strict=True):
-        for name in LAYERS:
-            assert torch.equal(got_layers[name], want_layers[name]), name
-    b.run_until_idle()
-    assert b.finish_reasons["B"] == "length"
-    b.assert_clean()
+    loads_asynchronously_byte_exact(b, p, reference, tier="remote")

@@ -266,13 +266,9 @@ class DiskTier:
             return
         ok = self.store.write(job.jobs)
         with self._lock:
-            seal = []
             for j, good in zip(job.jobs, ok, strict=True):
-                loc = Location(j.segment, j.offset, j.payload, j.seq)
-                if self.index.commit(j.key, loc, good) is not None:
-                    seal.append(j.segment)
-            seal += self.index.seal_candidates()
-            sealing = {s: self.index.entries(s) for s in set(seal)}
+                self.index.commit(j.key, Location(j.segment, j.offset, j.payload, j.seq), good)
+            sealing = {s: self.index.entries(s) for s in self.index.seal_candidates()}
             self.written += sum(ok)
             self.write_failures += len(ok) - sum(ok)
         for segment, entries in sealing.items():

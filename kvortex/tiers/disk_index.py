@@ -168,18 +168,16 @@ class DiskIndex:
         self._pending[key] = loc
         return loc, evicted
 
-    def commit(self, key: bytes, loc: Location, ok: bool) -> int | None:
-        """A write ended. Returns the segment id when this completed a full segment (all its
-        records written and the segment closed for appends): time to seal it."""
+    def commit(self, key: bytes, loc: Location, ok: bool) -> None:
+        """A write ended (a segment it completed shows up in :meth:`seal_candidates`)."""
         if self._pending.get(key) == loc:
             del self._pending[key]
         seg = self._segments.get(loc.segment)
         if seg is None:  # evicted while the write was in flight
-            return None
+            return
         seg.pending -= 1
         if ok:
             self._replace(key, loc, seg)
-        return loc.segment if self._complete(loc.segment, seg) else None
 
     # -- forgetting ---------------------------------------------------------------------------
 
